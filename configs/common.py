@@ -1,0 +1,78 @@
+"""Pieces shared by the VAE and DiT configs: arg parsing, mesh, data, optimiser."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parse "variant=tiny,runlocal=True" into a ConfigDict over the given defaults."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        if "=" not in item:
+            raise ValueError(f"config argument {item!r} must look like key=value (e.g. variant=tiny)")
+        key, value = item.split("=", 1)
+        if key not in out:
+            raise ValueError(f"unknown config argument {key!r}; known: {sorted(out.keys())}")
+        default = out[key]
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"config argument {key}={value!r} must be true or false")
+            out[key] = value.lower() in ("true", "1")
+        else:
+            out[key] = type(default)(value)
+    return out
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    """Default mesh: every device on data x fsdp (fsdp takes what data leaves)."""
+    return ml_collections.ConfigDict(
+        {"shape": {"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1}, "rules": "fsdp"}
+    )
+
+
+def data_config(*, runlocal: bool) -> ml_collections.ConfigDict:
+    """The built-in physics_balls dataset."""
+    return ml_collections.ConfigDict(
+        {
+            "name": "physics_balls",
+            "dir": "data",
+            "size": 64,
+            "frames": 17,
+            "num_train": 512 if runlocal else 20000,
+            "num_test": 32 if runlocal else 1000,
+            "seed": 0,
+            "batch_size": 8,  # global, over all processes
+            "worker_count": 0 if runlocal else 4,
+        }
+    )
+
+
+def optim_config(lr: float, warmup: int) -> ml_collections.ConfigDict:
+    """AdamW with linear warmup, cosine decay, clipping and EMA."""
+    return ml_collections.ConfigDict(
+        {
+            "lr": lr,
+            "warmup_steps": warmup,
+            "min_lr_ratio": 0.1,
+            "weight_decay": 0.01,
+            "b1": 0.9,
+            "b2": 0.99,
+            "grad_clip": 1.0,
+            "ema_decay": 0.999,
+        }
+    )
+
+
+def train_config(steps: int) -> ml_collections.ConfigDict:
+    """Loop length, logging and checkpoint cadence."""
+    return ml_collections.ConfigDict(
+        {
+            "steps": steps,
+            "max_minutes": 0.0,  # > 0: also stop after this much wall time
+            "log_every": 10,
+            "ckpt_every": 200,
+            "keep": 3,
+            "progress": True,
+        }
+    )

@@ -1,0 +1,43 @@
+"""Text-to-video DiT training config: get_config("variant=tiny,runlocal=True")."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+VARIANTS = ("tiny", "S", "B", "wan2.1-1.3b", "wan2.1-14b")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """DiT config for a variant; runlocal shrinks data and steps for a laptop/CI."""
+    a = common.parse_arg(arg, variant="tiny", runlocal=False)
+    if a.variant not in VARIANTS:
+        raise ValueError(f"unknown DiT variant {a.variant!r}; choose one of {list(VARIANTS)}")
+    c = ml_collections.ConfigDict()
+    c.kind = "dit"
+    c.variant = a.variant
+    c.seed = 0
+    c.workdir = "runs/dit"
+    c.vae_workdir = "runs/vae"  # trained VAE whose latents the DiT learns
+    # Overrides of the DiT variant's dataclass fields (see sora_jax.models.dit.dit_config).
+    c.model = ml_collections.ConfigDict({"attention": "xla", "remat": "none", "scan_layers": True})
+    c.text = ml_collections.ConfigDict({"encoder_dir": "", "max_length": 24})
+    c.data = common.data_config(runlocal=a.runlocal)
+    c.data.batch_size = 16
+    c.mesh = common.mesh_config()
+    c.optim = common.optim_config(lr=5e-4 if a.variant == "tiny" else 1e-4, warmup=100)
+    c.optim.ema_decay = 0.995 if a.runlocal else 0.9999
+    c.diffusion = ml_collections.ConfigDict(
+        {
+            "objective": "flow",  # rectified flow, velocity target eps - x0
+            "timestep_sampling": "logit_normal",
+            "shift": 1.0,
+            "text_dropout": 0.1,  # classifier-free guidance: train unconditionally this often
+        }
+    )
+    c.sample = ml_collections.ConfigDict(
+        {"solver": "euler", "steps": 30, "guidance": 4.0, "shift": 3.0, "fps": 8}
+    )
+    c.train = common.train_config(steps=1500 if a.runlocal else 200_000)
+    return c

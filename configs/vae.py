@@ -1,0 +1,43 @@
+"""Causal 3D VAE training config: get_config("variant=tiny,runlocal=True")."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+# Width/depth per variant; wan2.1 is the exact AutoencoderKLWan architecture.
+VARIANTS = {
+    "tiny": dict(base_dim=16, z_dim=8, dim_mult=(1, 2, 4, 4), num_res_blocks=1),
+    "S": dict(base_dim=64, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2),
+    "B": dict(base_dim=96, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2),
+    "wan2.1": dict(base_dim=96, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """VAE config for a variant; runlocal shrinks data and steps for a laptop/CI."""
+    a = common.parse_arg(arg, variant="tiny", runlocal=False)
+    if a.variant not in VARIANTS:
+        raise ValueError(f"unknown VAE variant {a.variant!r}; choose one of {sorted(VARIANTS)}")
+    c = ml_collections.ConfigDict()
+    c.kind = "vae"
+    c.variant = a.variant
+    c.seed = 0
+    c.workdir = "runs/vae"
+    c.model = ml_collections.ConfigDict(
+        dict(VARIANTS[a.variant], temporal_downsample=(False, True, True), dropout=0.0)
+    )
+    c.data = common.data_config(runlocal=a.runlocal)
+    # Causal convs are translation-equivariant in space and time, so short crops train the
+    # same weights far more cheaply than whole clips.
+    c.data.crop_frames = 5
+    c.data.crop_size = 32
+    c.data.batch_size = 8
+    c.mesh = common.mesh_config()
+    c.optim = common.optim_config(lr=1e-3 if a.variant == "tiny" else 2e-4, warmup=50)
+    c.optim.ema_decay = 0.0  # EMA of a VAE is rarely worth its memory; 0 disables
+    c.loss = ml_collections.ConfigDict({"l1": 1.0, "l2": 0.0, "kl": 1e-6})
+    c.train = common.train_config(steps=600 if a.runlocal else 100_000)
+    c.eval = ml_collections.ConfigDict({"num_clips": 16})
+    return c

@@ -1,0 +1,126 @@
+"""`sora-jax` command line: parses arguments and calls into the library."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Errors a user can fix from the command line; anything else is a bug and keeps its traceback.
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sora-jax", description="Sora-style text-to-video in JAX.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="build data, train VAE + DiT, sample prompts, write videos and a report")
+    d.add_argument("--outdir", default="demo_out")
+    d.add_argument("--minutes", type=float, default=12.0, help="wall-time budget; more buys quality")
+    d.add_argument("--prompt", action="append", help="prompt to sample (repeatable); default: held-out captions")
+    d.add_argument("--seed", type=int, default=0)
+
+    for name, default, helptext in (("train-vae", "vae", "train the causal 3D VAE"),
+                                    ("train", "dit", "train the text-to-video DiT on VAE latents")):
+        t = sub.add_parser(name, help=helptext, description=helptext + "; override any field with --config.a.b=value")
+        t.add_argument("--config", default=default, help=f"config name or file, with optional :arg (default {default})")
+
+    s = sub.add_parser("sample", help="generate videos for prompts from a trained DiT run")
+    s.add_argument("--workdir", default="runs/dit", help="DiT run directory (has ckpt/ and dit_config.json)")
+    s.add_argument("--prompt", action="append", required=True, help="text prompt (repeatable)")
+    s.add_argument("--out", default="outputs")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int)
+    s.add_argument("--guidance", type=float)
+    s.add_argument("--solver", choices=("euler", "heun"))
+    s.add_argument("--frames", type=int)
+    s.add_argument("--size", type=int)
+
+    b = sub.add_parser("data", help="build the physics_balls dataset (TFDS array_record)")
+    b.add_argument("--dir", default="data")
+    b.add_argument("--size", type=int, default=64)
+    b.add_argument("--frames", type=int, default=17)
+    b.add_argument("--num-train", type=int, default=512)
+    b.add_argument("--num-test", type=int, default=32)
+    b.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _demo(a) -> None:
+    from sora_jax.demo import run_demo
+
+    report = run_demo(a.outdir, minutes=a.minutes, prompts=a.prompt, seed=a.seed)
+    print(Path(a.outdir, "report.md").read_text())
+    for s in report["samples"]:
+        print(s["mp4"])
+
+
+def _train(a, extra) -> None:
+    from sora_jax.config_overrides import apply_overrides, load_config
+
+    config = apply_overrides(load_config(a.config), extra)
+    if a.command == "train-vae":
+        from sora_jax.train.vae_trainer import train_vae
+
+        out = train_vae(config)
+        print(f"VAE step {out['step']}: loss {out['final'].get('loss', float('nan')):.4f}, "
+              f"held-out PSNR {out['psnr']:.2f} dB; checkpoints in {config.workdir}")
+    else:
+        from sora_jax.train.dit_trainer import train_dit
+
+        out = train_dit(config)
+        print(f"DiT step {out['step']}: loss {out['final'].get('loss', float('nan')):.4f}; "
+              f"checkpoints in {config.workdir}")
+
+
+def _sample(a) -> None:
+    from sora_jax.data.video import write_gif, write_mp4
+    from sora_jax.diffusion.samplers import FlowSampler
+    from sora_jax.pipeline import TextToVideo
+
+    if any(not p.strip() for p in a.prompt):
+        raise ValueError('empty prompt: pass a non-empty text prompt (e.g. --prompt "two balls, red and blue")')
+    t2v = TextToVideo.load(a.workdir)
+    s = dict(t2v.defaults["sample"])
+    sampler = FlowSampler(num_steps=a.steps or s["steps"], guidance=s["guidance"] if a.guidance is None else a.guidance,
+                          shift=s["shift"], solver=a.solver or s["solver"])
+    videos = t2v.generate(a.prompt, seed=a.seed, frames=a.frames, size=a.size, sampler=sampler)
+    for i, video in enumerate(videos):
+        print(write_mp4(Path(a.out) / f"sample_{i}.mp4", video, fps=s["fps"]))
+        print(write_gif(Path(a.out) / f"sample_{i}.gif", video, fps=s["fps"], scale=2))
+
+
+def _data(a) -> None:
+    from sora_jax.data.physics_tfds import build_physics_dataset
+
+    sources = build_physics_dataset(str(Path(a.dir).absolute()), size=a.size, frames=a.frames,
+                                    num_train=a.num_train, num_test=a.num_test, seed=a.seed)
+    print({k: len(v) for k, v in sources.items()}, "examples in", a.dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `sora-jax` console script."""
+    args, extra = _parser().parse_known_args(argv)
+    if extra and args.command not in ("train", "train-vae"):
+        print(f"sora-jax {args.command}: error: unrecognised arguments: {' '.join(extra)}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "demo":
+            _demo(args)
+        elif args.command in ("train", "train-vae"):
+            _train(args, extra)
+        elif args.command == "sample":
+            _sample(args)
+        else:
+            _data(args)
+    except _USER_ERRORS as e:
+        if os.environ.get("SORA_JAX_DEBUG"):
+            raise
+        print(f"sora-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Video file I/O: MP4 through PyAV, GIF through Pillow; frames are uint8 [T, H, W, 3]."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(video: np.ndarray) -> np.ndarray:
+    """Map a float video in [-1, 1] to uint8; uint8 input passes through."""
+    video = np.asarray(video)
+    if video.dtype == np.uint8:
+        return video
+    return np.clip(np.round((video.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def write_mp4(path: str | Path, video: np.ndarray, fps: int = 8) -> Path:
+    """Encode frames as H.264 (yuv420p; odd sizes are padded to even by repeating the edge)."""
+    frames = to_uint8(video)
+    t, h, w, _ = frames.shape
+    ph, pw = h + h % 2, w + w % 2
+    if (ph, pw) != (h, w):
+        frames = np.pad(frames, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode="edge")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    with av.open(str(tmp), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
+        stream.options = {"crf": "18"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    tmp.replace(path)
+    return path
+
+
+def write_gif(path: str | Path, video: np.ndarray, fps: int = 8, scale: int = 1) -> Path:
+    """Write a looping GIF, optionally upscaled by an integer factor with nearest neighbour."""
+    frames = to_uint8(video)
+    if scale > 1:
+        frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+    images = [Image.fromarray(f) for f in frames]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return path
+
+
+def read_video(path: str | Path) -> np.ndarray:
+    """Decode every frame of a video file to uint8 [T, H, W, 3]."""
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])

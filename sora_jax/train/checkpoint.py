@@ -1,0 +1,111 @@
+"""Orbax checkpoints: train state + grain iterator state, async, restorable onto any mesh."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from sora_jax.train.state import TrainState
+
+_ARRAY_FIELDS = ("step", "params", "opt_state", "ema_params")
+
+
+class CheckpointError(FileNotFoundError):
+    """No usable checkpoint where one was required."""
+
+
+def _arrays(state: TrainState) -> dict[str, Any]:
+    # Orbax stores pytrees of arrays; the optimiser object itself is rebuilt from config.
+    return {k: getattr(state, k) for k in _ARRAY_FIELDS if getattr(state, k) is not None}
+
+
+def make_manager(directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+    """A CheckpointManager keeping the newest `keep` steps, saving asynchronously."""
+    path = Path(directory).absolute()
+    return ocp.CheckpointManager(
+        path,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+        ),
+    )
+
+
+def save(manager: ocp.CheckpointManager, state: TrainState, data_iter=None, *, force: bool = False) -> bool:
+    """Save the state (and the data iterator position) at state.step."""
+    items = {"state": ocp.args.StandardSave(_arrays(state))}
+    if data_iter is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    return manager.save(int(state.step), args=ocp.args.Composite(**items), force=force)
+
+
+def restore(
+    manager: ocp.CheckpointManager,
+    target: TrainState,
+    data_iter=None,
+    step: int | None = None,
+) -> TrainState:
+    """Restore into the shardings of `target` (an initialised or abstract state) at `step`/latest."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint found in {manager.directory}")
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _arrays(target)
+    )
+    items = {"state": ocp.args.StandardRestore(abstract)}
+    if data_iter is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    return target.replace(**restored["state"])
+
+
+def restore_params(directory: str | os.PathLike, abstract_params: Any, *, use_ema: bool = True) -> Any:
+    """Load only the (EMA if present) parameters of the latest checkpoint, for inference."""
+    path = Path(directory).absolute()
+    if not path.is_dir():
+        raise CheckpointError(
+            f"checkpoint directory {path} does not exist; train first or pass the right --workdir"
+        )
+    manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
+    step = manager.latest_step()
+    if step is None:
+        raise CheckpointError(f"no checkpoint found in {path}; train first or pass the right --workdir")
+    meta = manager.item_metadata(step)
+    tree = meta["state"] if meta is not None and "state" in meta else None
+    key = "ema_params" if use_ema and tree is not None and "ema_params" in tree else "params"
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item={key: abstract_params},
+                restore_args=jax.tree.map(
+                    lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), {key: abstract_params}
+                ),
+                partial_restore=True,
+            )
+        ),
+    )
+    manager.close()
+    return restored["state"][key]
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON so a crash never leaves a truncated file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file written by write_json_atomic."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found; train first or pass the right --workdir")
+    return json.loads(path.read_text())

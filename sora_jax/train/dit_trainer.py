@@ -1,0 +1,160 @@
+"""Training the text-conditioned DiT with rectified flow on (cached) VAE latents."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sora_jax.convert.bert import load_text_encoder
+from sora_jax.diffusion import flow
+from sora_jax.models.dit import DiT, DiTConfig, dit_config, validate_latent_grid
+from sora_jax.parallel.mesh import batch_sharding, global_batch
+from sora_jax.train import checkpoint
+from sora_jax.train.latent_cache import LatentCache, build_latent_cache, cache_key, make_cache_loader
+from sora_jax.train.loop import run_loop
+from sora_jax.train.metrics import MetricLogger
+from sora_jax.train.setup import mesh_and_rules, per_process_batch, to_python
+from sora_jax.train.state import TrainState, create_sharded_state, make_optimizer
+from sora_jax.train.vae_trainer import _dataset, load_vae
+
+DIT_CONFIG_FILE = "dit_config.json"
+RUN_FILE = "run.json"
+
+
+def null_text(batch: int, length: int, dim: int) -> tuple[jax.Array, jax.Array]:
+    """The unconditional text: one zero token (a learned bias key/value), the rest padding."""
+    emb = jnp.zeros((batch, length, dim), jnp.float32)
+    mask = jnp.zeros((batch, length), bool).at[:, 0].set(True)
+    return emb, mask
+
+
+def make_dit_step(model: DiT, diff_cfg: ml_collections.ConfigDict):
+    """The (state, batch, rng) -> (state, metrics) function of one flow-matching update."""
+    p_drop = float(diff_cfg.text_dropout)
+    method, shift = str(diff_cfg.timestep_sampling), float(diff_cfg.shift)
+
+    def loss_fn(params, batch, rng):
+        x0, text, mask = batch["latents"], batch["text"], batch["text_mask"]
+        b = x0.shape[0]
+        r_drop, r_sigma, r_noise = jax.random.split(rng, 3)
+        drop = jax.random.bernoulli(r_drop, p_drop, (b,))
+        n_emb, n_mask = null_text(b, text.shape[1], text.shape[2])
+        text = jnp.where(drop[:, None, None], n_emb, text)
+        mask = jnp.where(drop[:, None], n_mask, mask)
+        sigma = flow.sample_sigmas(r_sigma, b, method, shift)
+        noise = jax.random.normal(r_noise, x0.shape, x0.dtype)
+        pred = model.apply(params, flow.add_noise(x0, noise, sigma), sigma * flow.TIME_SCALE, text, mask)
+        loss = flow.flow_loss(pred, x0, noise).mean()
+        return loss, {"loss": loss}
+
+    def step(state: TrainState, batch: dict, rng: jax.Array):
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, rng)
+        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        return state.apply_gradients(grads), metrics
+
+    return step
+
+
+def dit_config_from(config: ml_collections.ConfigDict, *, channels: int, text_dim: int) -> DiTConfig:
+    """The DiT dataclass of a run: variant table + config.model overrides + data-derived dims."""
+    overrides = to_python(config.model)
+    return dit_config(config.variant, in_channels=channels, out_channels=channels, text_dim=text_dim, **overrides)
+
+
+def _latent_cache(config, workdir: Path, vae, vae_params, text_encoder) -> LatentCache:
+    sources = _dataset(config)
+    d = config.data
+    key = cache_key(d.size, d.frames, d.num_train, d.seed, str(Path(config.vae_workdir).absolute()),
+                    (Path(config.vae_workdir).absolute() / "vae_config.json").read_text(),
+                    config.text.encoder_dir, config.text.max_length)
+    path = workdir / f"latents-{key}.npz"
+    if path.exists():
+        return LatentCache.load(path)
+    cache = build_latent_cache(sources["train"], vae, vae_params, text_encoder)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cache.save(path)
+    return cache
+
+
+def train_dit(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Train (or resume) a DiT run in config.workdir on latents of the VAE in config.vae_workdir."""
+    workdir = Path(config.workdir).absolute()
+    mesh, rules = mesh_and_rules(config)
+    local_batch = per_process_batch(config.data.batch_size, mesh)
+    vae, vae_params = load_vae(config.vae_workdir)
+    text_encoder = load_text_encoder(config.text.encoder_dir or None, max_length=config.text.max_length)
+    cache = _latent_cache(config, workdir, vae, vae_params, text_encoder)
+    grid = cache.latents.shape[1:4]
+    dit_cfg = dit_config_from(config, channels=cache.latents.shape[-1], text_dim=cache.text.shape[-1])
+    validate_latent_grid(dit_cfg, grid)
+
+    model = DiT(dit_cfg)
+    n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    dummy = (
+        jnp.zeros((n_shards, *cache.latents.shape[1:]), jnp.float32),
+        jnp.zeros((n_shards,), jnp.float32),
+        jnp.zeros((n_shards, *cache.text.shape[1:]), jnp.float32),
+        jnp.ones((n_shards, cache.text.shape[1]), bool),
+    )
+    tx = make_optimizer(config.optim, config.train.steps)
+    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+    state, shardings = create_sharded_state(
+        lambda k: model.init({"params": k}, *dummy), tx, float(config.optim.ema_decay), mesh, rules, init_rng
+    )
+    manager = checkpoint.make_manager(workdir / "ckpt", keep=config.train.keep)
+    data_iter = iter(make_cache_loader(cache, batch_size=local_batch, seed=config.seed,
+                                       worker_count=config.data.worker_count))
+    if manager.latest_step() is not None:
+        state = checkpoint.restore(manager, state, data_iter)
+    checkpoint.write_json_atomic(workdir / DIT_CONFIG_FILE, dit_config_to_dict(dit_cfg))
+    checkpoint.write_json_atomic(workdir / RUN_FILE, {
+        "vae_workdir": str(Path(config.vae_workdir).absolute()),
+        "text_encoder_dir": config.text.encoder_dir,
+        "text_max_length": config.text.max_length,
+        "latent_grid": list(grid),
+        "sample": to_python(config.sample),
+        "video": {"frames": config.data.frames, "size": config.data.size},
+    })
+
+    batch_sh = {k: batch_sharding(mesh, n) for k, n in (("latents", 5), ("text", 3), ("text_mask", 2))}
+    step_fn = jax.jit(
+        make_dit_step(model, config.diffusion),
+        in_shardings=(shardings, batch_sh, None),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
+    logger = MetricLogger(workdir / "tb", config.train.steps, int(state.step), desc="train-dit",
+                          progress=config.train.progress)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state = run_loop(
+            state=state, step_fn=step_fn, data_iter=data_iter,
+            to_device=lambda b: global_batch(mesh, b),
+            total_steps=config.train.steps, manager=manager, logger=logger, rng=train_rng,
+            log_every=config.train.log_every, ckpt_every=config.train.ckpt_every,
+            max_minutes=config.train.max_minutes,
+        )
+    logger.close()
+    manager.close()
+    final = logger.history[-1] if logger.history else {}
+    return {"step": int(state.step), "final": final, "history": logger.history,
+            "num_captions": len(cache.captions)}
+
+
+def dit_config_to_dict(cfg: DiTConfig) -> dict:
+    """JSON-safe form of a DiTConfig."""
+    d = dataclasses.asdict(cfg)
+    return {k: (np.dtype(v).name if k in ("dtype", "param_dtype") else v) for k, v in d.items()}
+
+
+def dit_config_from_dict(d: dict) -> DiTConfig:
+    """Inverse of dit_config_to_dict."""
+    d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+    d["dtype"], d["param_dtype"] = jnp.dtype(d["dtype"]), jnp.dtype(d["param_dtype"])
+    return DiTConfig(**d)

@@ -1,0 +1,56 @@
+"""Training telemetry: TensorBoard scalars and a progress bar with loss and steps/s."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+
+class MetricLogger:
+    """Writes scalars to TensorBoard (process 0 only) and drives a tqdm bar."""
+
+    def __init__(self, logdir: str | Path, total_steps: int, start_step: int = 0, *, desc: str = "train", progress: bool = True):
+        self._is_main = jax.process_index() == 0
+        self._writer = None
+        if self._is_main:
+            from tensorboardX import SummaryWriter  # deferred: heavy import, process 0 only
+
+            self._writer = SummaryWriter(str(logdir))
+        self._bar = tqdm(
+            total=total_steps, initial=start_step, desc=desc, disable=not (progress and self._is_main),
+            dynamic_ncols=True, leave=True,
+        )
+        self._last_time = time.perf_counter()
+        self._last_step = start_step
+        self.history: list[dict[str, float]] = []
+
+    def log(self, step: int, scalars: dict[str, float]) -> dict[str, float]:
+        """Record scalars for `step`; adds steps_per_sec over the interval since the last call."""
+        now = time.perf_counter()
+        rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+        self._last_time, self._last_step = now, step
+        row = {k: float(np.asarray(v)) for k, v in scalars.items()}
+        row["steps_per_sec"] = rate
+        row["step"] = step
+        self.history.append(row)
+        if self._writer is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self._writer.add_scalar(k, v, step)
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("step",)}, refresh=False)
+        return row
+
+    def advance(self, n: int = 1) -> None:
+        """Move the bar forward n steps."""
+        self._bar.update(n)
+
+    def close(self) -> None:
+        """Flush TensorBoard and close the bar."""
+        self._bar.close()
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()

@@ -1,0 +1,95 @@
+"""Train state, optimiser, and sharded initialisation (eval_shape -> shardings -> jit(init))."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from sora_jax.parallel.mesh import logical_shardings
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training step reads and writes; donated to the step."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any  # None when EMA is off
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+
+    def apply_gradients(self, grads) -> "TrainState":
+        """One optimiser update plus the EMA update."""
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        params = optax.apply_updates(self.params, updates)
+        ema = self.ema_params
+        if ema is not None:
+            d = self.ema_decay
+            ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+        return self.replace(step=self.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+
+    @property
+    def eval_params(self):
+        """The weights to sample/evaluate with: EMA when kept, else the raw params."""
+        return self.ema_params if self.ema_params is not None else self.params
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with linear warmup then cosine decay, after global-norm clipping."""
+    warmup = max(1, min(int(cfg.warmup_steps), total_steps - 1)) if total_steps > 1 else 1
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.lr,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=cfg.lr * cfg.min_lr_ratio,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
+    )
+
+
+def create_sharded_state(
+    init_params: Callable[[jax.Array], Any],
+    tx: optax.GradientTransformation,
+    ema_decay: float,
+    mesh: Mesh,
+    rules,
+    rng: jax.Array,
+) -> tuple[TrainState, Any]:
+    """Initialise a TrainState directly into its shardings; returns (state, state_shardings)."""
+
+    def init_boxed(key):
+        params = init_params(key)  # LogicallyPartitioned leaves
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            # Optax maps over the boxes, so moments inherit the parameters' logical names.
+            opt_state=tx.init(params),
+            ema_params=params if ema_decay > 0 else None,
+            tx=tx,
+            ema_decay=ema_decay,
+        )
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract = jax.eval_shape(init_boxed, rng)
+        shardings = logical_shardings(abstract, mesh, rules)
+        state = jax.jit(lambda k: nn.meta.unbox(init_boxed(k)), out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def abstract_state(state_shardings, abstract_unboxed) -> Any:
+    """ShapeDtypeStructs carrying shardings: the restore target for Orbax."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_unboxed, state_shardings
+    )

@@ -1,0 +1,177 @@
+"""Training the causal 3D VAE: L1 + KL on random spacetime crops, sharded over the mesh."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sora_jax.data.physics_tfds import build_physics_dataset
+from sora_jax.data.pipeline import make_loader
+from sora_jax.eval.video import psnr
+from sora_jax.models.vae import CausalVAE, VAEConfig, kl_divergence, validate_video_shape
+from sora_jax.parallel.mesh import batch_sharding, global_batch
+from sora_jax.train import checkpoint
+from sora_jax.train.loop import run_loop
+from sora_jax.train.metrics import MetricLogger
+from sora_jax.train.setup import dataclass_from, mesh_and_rules, per_process_batch
+from sora_jax.train.state import TrainState, create_sharded_state, make_optimizer
+
+VAE_CONFIG_FILE = "vae_config.json"
+
+
+def vae_config_from(config: ml_collections.ConfigDict) -> VAEConfig:
+    """The model dataclass of a VAE run config."""
+    return dataclass_from(VAEConfig, config.model)
+
+
+def make_vae_step(model: CausalVAE, loss_cfg: ml_collections.ConfigDict):
+    """The (state, batch, rng) -> (state, metrics) function of one VAE update."""
+    l1_w, l2_w, kl_w = float(loss_cfg.l1), float(loss_cfg.l2), float(loss_cfg.kl)
+
+    def loss_fn(params, video, rng):
+        recon, mean, logvar = model.apply(params, video, sample_rng=rng)
+        err = recon.astype(jnp.float32) - video
+        l1 = jnp.abs(err).mean()
+        l2 = jnp.square(err).mean()
+        kl = kl_divergence(mean, logvar).mean()
+        loss = l1_w * l1 + l2_w * l2 + kl_w * kl
+        return loss, {"loss": loss, "l1": l1, "mse": l2, "kl": kl}
+
+    def step(state: TrainState, batch: dict, rng: jax.Array):
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch["video"], rng)
+        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        return state.apply_gradients(grads), metrics
+
+    return step
+
+
+def _dataset(config: ml_collections.ConfigDict) -> dict:
+    d = config.data
+    return build_physics_dataset(
+        str(Path(d.dir).absolute()), size=d.size, frames=d.frames,
+        num_train=d.num_train, num_test=d.num_test, seed=d.seed,
+    )
+
+
+def train_vae(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Train (or resume) a VAE run in config.workdir; returns its final metrics and history."""
+    workdir = Path(config.workdir).absolute()
+    mesh, rules = mesh_and_rules(config)
+    vae_cfg = vae_config_from(config)
+    frames, crop = int(config.data.crop_frames), int(config.data.crop_size)
+    validate_video_shape(vae_cfg, frames, crop, crop)
+    validate_video_shape(vae_cfg, config.data.frames, config.data.size, config.data.size)
+    local_batch = per_process_batch(config.data.batch_size, mesh)
+
+    sources = _dataset(config)
+    loader = make_loader(
+        sources["train"], batch_size=local_batch, seed=config.seed, shuffle=True,
+        worker_count=config.data.worker_count, frames=frames, crop=crop,
+    )
+    model = CausalVAE(vae_cfg)
+    n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    dummy = jnp.zeros((n_shards, frames, crop, crop, 3), jnp.float32)
+    tx = make_optimizer(config.optim, config.train.steps)
+    rng = jax.random.key(config.seed)
+    init_rng, noise_rng, train_rng = jax.random.split(rng, 3)
+    state, shardings = create_sharded_state(
+        lambda k: model.init({"params": k}, dummy, sample_rng=noise_rng),
+        tx, float(config.optim.ema_decay), mesh, rules, init_rng,
+    )
+    manager = checkpoint.make_manager(workdir / "ckpt", keep=config.train.keep)
+    data_iter = iter(loader)
+    if manager.latest_step() is not None:
+        state = checkpoint.restore(manager, state, data_iter)
+    # The model dataclass travels with the checkpoint so inference needs no training config.
+    checkpoint.write_json_atomic(workdir / VAE_CONFIG_FILE, _config_dict(vae_cfg))
+
+    video_sharding = batch_sharding(mesh, 5)
+    step_fn = jax.jit(
+        make_vae_step(model, config.loss),
+        in_shardings=(shardings, {"video": video_sharding}, None),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
+    logger = MetricLogger(workdir / "tb", config.train.steps, int(state.step), desc="train-vae",
+                          progress=config.train.progress)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state = run_loop(
+            state=state, step_fn=step_fn, data_iter=data_iter,
+            to_device=lambda b: global_batch(mesh, {"video": b["video"]}),
+            total_steps=config.train.steps, manager=manager, logger=logger, rng=train_rng,
+            log_every=config.train.log_every, ckpt_every=config.train.ckpt_every,
+            max_minutes=config.train.max_minutes,
+        )
+        # Latent statistics make DiT inputs unit-scale; they are part of the VAE's config.
+        stats = latent_statistics(model, state.eval_params, sources["train"], mesh, config.eval.num_clips)
+        vae_cfg = dataclasses.replace(vae_cfg, latents_mean=stats[0], latents_std=stats[1])
+        checkpoint.write_json_atomic(workdir / VAE_CONFIG_FILE, _config_dict(vae_cfg))
+        eval_psnr = evaluate_vae(model, state.eval_params, sources["test"], mesh, config.eval.num_clips)
+    logger.close()
+    manager.close()
+    final = logger.history[-1] if logger.history else {}
+    return {"step": int(state.step), "final": final, "history": logger.history, "psnr": eval_psnr}
+
+
+def _config_dict(cfg: VAEConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    return {k: (np.dtype(v).name if k in ("dtype", "param_dtype") else v) for k, v in d.items()}
+
+
+def load_vae(workdir: str | Path, *, mesh=None, rules=()) -> tuple[CausalVAE, Any]:
+    """Load a trained VAE (config + EMA-or-raw params) from a run directory."""
+    workdir = Path(workdir).absolute()
+    d = checkpoint.read_json(workdir / VAE_CONFIG_FILE)
+    d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+    d["dtype"], d["param_dtype"] = jnp.dtype(d["dtype"]), jnp.dtype(d["param_dtype"])
+    model = CausalVAE(VAEConfig(**d))
+    dummy = jnp.zeros((1, 1, 8, 8, 3), jnp.float32)
+    abstract = jax.eval_shape(lambda: nn.meta.unbox(model.init({"params": jax.random.key(0)}, dummy)))
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+    params = checkpoint.restore_params(workdir / "ckpt", abstract)
+    return model, params
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_mean(model: CausalVAE, params, video):
+    mean, _ = model.apply(params, video, method=CausalVAE.encode)
+    return mean
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _reconstruct(model: CausalVAE, params, video):
+    mean, _ = model.apply(params, video, method=CausalVAE.encode)
+    return model.apply(params, mean, method=CausalVAE.decode)
+
+
+def _clips(source, n: int) -> np.ndarray:
+    n = min(n, len(source))
+    return np.stack([np.asarray(source[i]["video"]) for i in range(n)]).astype(np.float32) / 127.5 - 1.0
+
+
+def latent_statistics(model: CausalVAE, params, source, mesh, num_clips: int) -> tuple[tuple, tuple]:
+    """Per-channel mean and std of posterior means over the first clips of a split."""
+    del mesh  # small enough to run replicated
+    clips = _clips(source, max(num_clips, 8))
+    z = np.concatenate([np.asarray(_encode_mean(model, params, clips[i:i + 4])) for i in range(0, len(clips), 4)])
+    flat = z.reshape(-1, z.shape[-1])
+    return tuple(float(v) for v in flat.mean(0)), tuple(float(v) for v in flat.std(0) + 1e-6)
+
+
+def evaluate_vae(model: CausalVAE, params, source, mesh, num_clips: int) -> float:
+    """Reconstruction PSNR (dB) of whole held-out clips through encode(mean) -> decode."""
+    del mesh
+    clips = _clips(source, num_clips)
+    recon = np.concatenate(
+        [np.asarray(_reconstruct(model, params, clips[i:i + 4])) for i in range(0, len(clips), 4)]
+    )
+    return float(psnr(recon, clips))
