@@ -1,0 +1,256 @@
+"""Building blocks of the causal 3D VAE (Wan2.1 `AutoencoderKLWan` layout, channels-last).
+
+Every block processes a whole clip `[batch, frames, height, width, channels]` at once. diffusers
+runs the same network chunk by chunk (encoder: frame 0, then 4 frames at a time; decoder: one latent
+frame at a time) with feature caches; the blocks here are the unchunked equivalent: a causal conv
+zero-pads 2 frames on the past side, and the temporal resamplers treat frame 0 specially exactly
+as the first chunk does. Module names mirror diffusers (`resnets_0` <-> `resnets.0`) so converting
+a safetensors checkpoint is a mechanical rename.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sora_jax.models.attention import attention
+
+Dtype = jnp.dtype
+
+# PyTorch's default conv init (kaiming_uniform with a=sqrt(5)) has variance 1/(3 fan_in); matching
+# it keeps from-scratch training close to the reference recipe.
+_KERNEL_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _conv_param_names(ndim_spatial: int) -> tuple[str, ...]:
+    return ("conv_k",) * ndim_spatial + ("conv_in", "conv_out")
+
+
+class Conv(nn.Module):
+    """N-d convolution over the trailing spatial axes; `padding` is explicit (lo, hi) per axis.
+
+    With 2 spatial axes the leading axes (batch, frames) are all batch: a per-frame 2D conv.
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: Sequence[int] | None = None
+    padding: Sequence[tuple[int, int]] | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply the convolution to a channels-last array."""
+        nd = len(self.kernel_size)
+        in_features = x.shape[-1]
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(_KERNEL_INIT, _conv_param_names(nd)),
+            (*self.kernel_size, in_features, self.features),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+            (self.features,),
+            self.param_dtype,
+        )
+        batch_shape = x.shape[: x.ndim - nd - 1]
+        x = x.reshape((-1, *x.shape[x.ndim - nd - 1 :]))
+        spatial = "DHW"[3 - nd :]
+        y = lax.conv_general_dilated(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            window_strides=tuple(self.strides or (1,) * nd),
+            padding=tuple(self.padding or ((0, 0),) * nd),
+            dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
+        )
+        y = y + bias.astype(self.dtype)
+        return y.reshape((*batch_shape, *y.shape[1:]))
+
+
+def causal_conv3d(
+    features: int,
+    kernel: int | tuple[int, int, int],
+    padding: int | tuple[int, int, int] = 0,
+    strides: tuple[int, int, int] = (1, 1, 1),
+    *,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    name: str | None = None,
+) -> Conv:
+    """`WanCausalConv3d`: time padding 2*p on the past side only, spatial padding p on both sides."""
+    k = (kernel,) * 3 if isinstance(kernel, int) else tuple(kernel)
+    p = (padding,) * 3 if isinstance(padding, int) else tuple(padding)
+    pads = ((2 * p[0], 0), (p[1], p[1]), (p[2], p[2]))
+    return Conv(features, k, strides, pads, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class RMSNorm(nn.Module):
+    """`WanRMS_norm`: L2-normalise over channels, times sqrt(C) * gamma (+ bias); float32 math."""
+
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalise the last axis."""
+        dim = x.shape[-1]
+        gamma = self.param(
+            "gamma", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (dim,), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        # F.normalize divides by max(||x||, 1e-12); sqrt(max(sumsq, 1e-24)) is the same number.
+        inv = lax.rsqrt(jnp.maximum(jnp.sum(x32 * x32, axis=-1, keepdims=True), 1e-24))
+        y = x32 * inv * (dim**0.5) * gamma.astype(jnp.float32)
+        if self.use_bias:
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), (dim,), self.param_dtype
+            )
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class ResidualBlock(nn.Module):
+    """`WanResidualBlock`: (RMSNorm, SiLU, causal 3x3x3 conv) x2 plus a 1x1x1 shortcut if C changes."""
+
+    out_dim: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Apply the block to [B, T, H, W, C]."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if x.shape[-1] != self.out_dim:
+            h = causal_conv3d(self.out_dim, 1, name="conv_shortcut", **kw)(x)
+        else:
+            h = x
+        x = nn.silu(RMSNorm(name="norm1", **kw)(x))
+        x = causal_conv3d(self.out_dim, 3, 1, name="conv1", **kw)(x)
+        x = nn.silu(RMSNorm(name="norm2", **kw)(x))
+        x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+        x = causal_conv3d(self.out_dim, 3, 1, name="conv2", **kw)(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """`WanAttentionBlock`: single-head self-attention within each frame (no mixing across time)."""
+
+    backend: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply the block to [B, T, H, W, C]."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, t, hh, ww, c = x.shape
+        y = RMSNorm(name="norm", **kw)(x)
+        qkv = Conv(3 * c, (1, 1), name="to_qkv", **kw)(y)
+        qkv = qkv.reshape(b * t, hh * ww, 1, 3 * c)  # frames are independent batch entries
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        y = attention(q, k, v, backend=self.backend).reshape(b, t, hh, ww, c)
+        y = Conv(c, (1, 1), name="proj", **kw)(y)
+        return y + x
+
+
+class Resample(nn.Module):
+    """`WanResample` (Wan2.1 modes): spatial x2 down/up per frame, plus a causal time x2 for the 3d modes."""
+
+    dim: int
+    mode: str  # downsample2d | downsample3d | upsample2d | upsample3d
+    upsample_out_dim: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Resample [B, T, H, W, C]."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.mode == "upsample3d":
+            x = self._time_upsample(x, kw)
+        if self.mode.startswith("upsample"):
+            out_dim = self.upsample_out_dim or self.dim // 2
+            # nearest-exact with an exact factor 2 is a plain repeat; diffusers does it in float32.
+            x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
+            x = Conv(out_dim, (3, 3), padding=((1, 1), (1, 1)), name="resample_1", **kw)(x)
+        elif self.mode.startswith("downsample"):
+            # ZeroPad2d((0, 1, 0, 1)) then a valid stride-2 conv: pad right/bottom only.
+            x = Conv(self.dim, (3, 3), (2, 2), ((0, 1), (0, 1)), name="resample_1", **kw)(x)
+        else:
+            raise ValueError(f"unknown resample mode {self.mode!r}")
+        if self.mode == "downsample3d":
+            x = self._time_downsample(x, kw)
+        return x
+
+    def _time_downsample(self, x: jax.Array, kw: dict) -> jax.Array:
+        # Chunked diffusers passes the first chunk (frame 0) through untouched and then runs the
+        # stride-2 kernel-3 conv over [last cached frame, new chunk]; over the whole clip that is
+        # frame 0 followed by a valid strided conv starting at frame 0.
+        conv = causal_conv3d(self.dim, (3, 1, 1), 0, (2, 1, 1), name="time_conv", **kw)
+        if x.shape[1] < 3:
+            if self.is_initializing():
+                conv(jnp.zeros((*x.shape[:1], 3, *x.shape[2:]), x.dtype))
+            return x[:, :1]
+        return jnp.concatenate([x[:, :1], conv(x)], axis=1)
+
+    def _time_upsample(self, x: jax.Array, kw: dict) -> jax.Array:
+        # The first latent frame is never time-upsampled (diffusers marks its cache "Rep"); the
+        # later frames go through a causal conv whose past starts with zeros, not with frame 0,
+        # and each yields two output frames (channel halves) that are interleaved in time.
+        b, t, hh, ww, c = x.shape
+        conv = causal_conv3d(2 * c, (3, 1, 1), (1, 0, 0), name="time_conv", **kw)
+        if t == 1:
+            if self.is_initializing():
+                conv(x)
+            return x
+        y = conv(x[:, 1:])  # [B, t-1, H, W, 2C]
+        y = y.reshape(b, t - 1, hh, ww, 2, c).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * (t - 1), hh, ww, c)
+        return jnp.concatenate([x[:, :1], y.astype(x.dtype)], axis=1)
+
+
+class MidBlock(nn.Module):
+    """`WanMidBlock`: resnet, per-frame attention, resnet."""
+
+    dim: int
+    dropout: float = 0.0
+    backend: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Apply the block to [B, T, H, W, C]."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = ResidualBlock(self.dim, self.dropout, name="resnets_0", **kw)(x, deterministic)
+        x = AttentionBlock(self.backend, name="attentions_0", **kw)(x)
+        return ResidualBlock(self.dim, self.dropout, name="resnets_1", **kw)(x, deterministic)
+
+
+class UpBlock(nn.Module):
+    """`WanUpBlock`: num_res_blocks+1 resnets, then an optional upsampler (`upsamplers_0`)."""
+
+    out_dim: int
+    num_res_blocks: int
+    upsample_mode: str | None = None
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Apply the block to [B, T, H, W, C]."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        for j in range(self.num_res_blocks + 1):
+            x = ResidualBlock(self.out_dim, self.dropout, name=f"resnets_{j}", **kw)(x, deterministic)
+        if self.upsample_mode is not None:
+            x = Resample(self.out_dim, self.upsample_mode, name="upsamplers_0", **kw)(x)
+        return x
