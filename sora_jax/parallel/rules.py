@@ -1,7 +1,8 @@
 """Logical axis names and the presets that map them onto mesh axes.
 
 Every parameter in sora_jax carries logical names from `LOGICAL_AXES`; a preset chosen by config
-turns them into mesh axes. Presets are pure data so a layout benchmark can list and compare them.
+turns them into mesh axes. Convolution kernel taps are named None: they are never sharded, and
+flax forbids one name on several dims. Presets are pure data so a layout benchmark can list and compare them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ LOGICAL_AXES = {
     "kv": "per-head dim (never sharded)",
     "vocab": "token vocabulary",
     "layers": "stacked (scanned) block axis",
-    "conv_k": "convolution kernel taps (t, h or w)",
     "conv_in": "convolution input channels",
     "conv_out": "convolution output channels",
     "norm": "norm scale / bias vectors",
