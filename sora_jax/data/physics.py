@@ -216,6 +216,8 @@ def parse_caption(caption: str | bytes) -> tuple[int, list[str]]:
     unknown = [w for w in names if w not in COLOR_NAMES]
     if unknown:
         raise ValueError(f"unknown colour(s) {unknown} in caption {caption!r}")
+    if m.group(3) not in names:
+        raise ValueError(f"the described ball {m.group(3)!r} is not among {names} in {caption!r}")
     return NUMBER_WORDS.index(count_word), names
 
 

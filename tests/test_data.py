@@ -1,0 +1,301 @@
+"""Physics simulator, TFDS array_record builder and grain loader."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from sora_jax.data import pipeline
+from sora_jax.data.physics import (
+    COLOR_NAMES,
+    PhysicsConfig,
+    parse_caption,
+    run_physics,
+    simulate,
+)
+from sora_jax.data.physics_tfds import build_physics_dataset, example_seed
+
+SIZE, FRAMES, NUM_TRAIN, NUM_TEST = 32, 9, 12, 4
+CFG = PhysicsConfig(size=SIZE, frames=FRAMES)
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    """Three tiny builds: two identical ones in different dirs and one with another seed."""
+    kw = dict(size=SIZE, frames=FRAMES, num_train=NUM_TRAIN, num_test=NUM_TEST)
+    return {
+        "a": build_physics_dataset(str(tmp_path_factory.mktemp("a")), seed=0, **kw),
+        "b": build_physics_dataset(str(tmp_path_factory.mktemp("b")), seed=0, **kw),
+        "c": build_physics_dataset(str(tmp_path_factory.mktemp("c")), seed=1, **kw),
+    }
+
+
+# ----------------------------------------------------------------------------- simulator
+
+
+def test_simulate_fields_and_determinism():
+    a, b = simulate(7, CFG), simulate(7, CFG)
+    assert a["video"].dtype == np.uint8 and a["video"].shape == (FRAMES, SIZE, SIZE, 3)
+    assert a["positions"].shape == a["velocities"].shape == (FRAMES, CFG.max_balls, 2)
+    assert a["positions"].dtype == np.float32 and a["radii"].dtype == np.float32
+    assert a["colors"].dtype == np.int32 and a["radii"].shape == a["colors"].shape == (3,)
+    for k in a:
+        assert np.array_equal(np.asarray(a[k]), np.asarray(b[k])), k
+    assert not np.array_equal(simulate(8, CFG)["video"], a["video"])
+
+
+def test_balls_inside_walls_distinct_colours_and_padding():
+    counts = set()
+    for seed in range(60):
+        ex = simulate(seed, CFG)
+        n = ex["num_balls"]
+        counts.add(n)
+        assert CFG.min_balls <= n <= CFG.max_balls
+        colours = ex["colors"][:n]
+        assert len(set(colours.tolist())) == n and (colours >= 0).all()
+        assert (ex["colors"][n:] == -1).all() and (ex["radii"][n:] == 0).all()
+        assert (ex["positions"][:, n:] == 0).all()
+        r = ex["radii"][:n][None, :, None]
+        pos = ex["positions"][:, :n]
+        assert (pos >= r - 1e-3).all() and (pos <= SIZE - r + 1e-3).all()
+        # No overlap at t=0.
+        p0 = pos[0]
+        for i in range(n):
+            for j in range(i + 1, n):
+                assert np.linalg.norm(p0[i] - p0[j]) > ex["radii"][i] + ex["radii"][j]
+    assert counts == {1, 2, 3}
+
+
+def _kinetic_energy(vel: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    return 0.5 * ((radii**2)[None, :] * (vel**2).sum(-1)).sum(-1)
+
+
+def test_energy_conserved_without_gravity():
+    cfg = dataclasses.replace(CFG, gravity=0.0, frames=40)
+    rng = np.random.default_rng(0)
+    radii = np.array([0.12, 0.1, 0.08])
+    pos = np.array([[0.2, 0.2], [0.5, 0.5], [0.8, 0.75]])
+    vel = rng.uniform(-1.5, 1.5, size=(3, 2))
+    _, vels, _ = run_physics(pos, vel, radii, cfg)
+    ke = _kinetic_energy(vels, radii)
+    np.testing.assert_allclose(ke, ke[0], rtol=1e-9)
+
+
+def test_ball_collision_conserves_momentum():
+    # Head-on-ish collision in the middle, far from the walls, no gravity.
+    cfg = dataclasses.replace(CFG, gravity=0.0, frames=6)
+    radii = np.array([0.1, 0.06])
+    pos = np.array([[0.3, 0.5], [0.7, 0.53]])
+    vel = np.array([[0.6, 0.0], [-0.9, 0.0]])
+    poss, vels, _ = run_physics(pos, vel, radii, cfg)
+    assert not np.allclose(vels[-1], vels[0]), "the balls should have collided"
+    m = radii**2
+    momentum = (m[None, :, None] * vels).sum(1)
+    np.testing.assert_allclose(momentum, np.broadcast_to(momentum[0], momentum.shape), atol=1e-12)
+    ke = _kinetic_energy(vels, radii)
+    np.testing.assert_allclose(ke, ke[0], rtol=1e-9)
+    assert (poss[..., 0] > radii).all() and (poss[..., 0] < 1 - radii).all()  # no wall was hit
+
+
+def test_caption_roundtrip_and_motion():
+    verbs = set()
+    for seed in range(60):
+        ex = simulate(seed, CFG)
+        n, names = parse_caption(ex["caption"])
+        want = [COLOR_NAMES[c] for c in sorted(ex["colors"][: ex["num_balls"]].tolist())]
+        assert n == ex["num_balls"] and names == want
+        assert parse_caption(ex["caption"].encode()) == (n, names)
+        subject = ex["caption"].split("; the ")[1].split(" ball ")[0]
+        assert subject in names
+        verbs.add(ex["caption"].split(" ball ")[-1].split()[0])
+    assert verbs <= {"falls", "rises", "bounces"} and len(verbs) >= 2
+    with pytest.raises(ValueError):
+        parse_caption("a cat playing the piano")
+    with pytest.raises(ValueError):
+        parse_caption("two balls: red and purple; the red ball falls")
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+def test_tfds_is_deterministic(datasets):
+    a, b, c = datasets["a"], datasets["b"], datasets["c"]
+    for split, n in (("train", NUM_TRAIN), ("test", NUM_TEST)):
+        assert len(a[split]) == len(b[split]) == n
+        for i in range(n):
+            ra, rb = a[split][i], b[split][i]
+            assert ra["video"].tobytes() == rb["video"].tobytes()
+            assert ra["caption"] == rb["caption"] and ra["seed"] == rb["seed"]
+    videos_a = {a["train"][i]["video"].tobytes() for i in range(NUM_TRAIN)}
+    videos_c = {c["train"][i]["video"].tobytes() for i in range(NUM_TRAIN)}
+    assert not videos_a & videos_c
+
+
+def test_tfds_records_equal_simulate_and_splits_disjoint(datasets):
+    src = datasets["a"]
+    seeds = {}
+    for split in ("train", "test"):
+        seeds[split] = set()
+        for i in range(len(src[split])):
+            rec = src[split][i]
+            sim = simulate(int(rec["seed"]), CFG)
+            seeds[split].add(int(rec["seed"]))
+            assert rec["caption"].decode() == sim["caption"]
+            assert int(rec["num_balls"]) == sim["num_balls"]
+            for k in ("video", "positions", "velocities", "radii", "colors"):
+                assert rec[k].dtype == sim[k].dtype and np.array_equal(rec[k], sim[k]), k
+    assert seeds["train"] == {example_seed(0, "train", i) for i in range(NUM_TRAIN)}
+    assert not seeds["train"] & seeds["test"]
+
+
+def test_build_reuses_prepared_dataset(datasets, tmp_path_factory):
+    # Same dir + same config: returns immediately with the same records.
+    d = tmp_path_factory.mktemp("reuse")
+    kw = dict(size=SIZE, frames=5, num_train=2, num_test=1)
+    first = build_physics_dataset(str(d), **kw)
+    again = build_physics_dataset(str(d), **kw)
+    assert first["train"][1]["video"].tobytes() == again["train"][1]["video"].tobytes()
+    assert [p.name for p in d.glob("physics_balls/s*")] == ["s32_f5_n2_t1_seed0"]
+
+
+# ----------------------------------------------------------------------------- grain
+
+
+def _collect(loader, key="seed"):
+    return [int(s) for batch in loader for s in batch[key]]
+
+
+def test_loader_shapes_dtypes_range(datasets):
+    loader = pipeline.make_loader(datasets["a"]["train"], batch_size=4, seed=0, num_epochs=1)
+    batches = list(loader)
+    assert len(batches) == NUM_TRAIN // 4
+    b = batches[0]
+    assert b["video"].dtype == np.float32 and b["video"].shape == (4, FRAMES, SIZE, SIZE, 3)
+    assert b["video"].min() >= -1.0 and b["video"].max() <= 1.0
+    assert b["video"].min() < -0.8 and b["video"].max() > 0.5
+    assert b["caption"].shape == (4,) and b["caption"].dtype.kind == "U"
+    assert all(parse_caption(str(c))[0] >= 1 for c in b["caption"])
+    assert b["num_balls"].dtype == np.int32 and b["positions"].shape == (4, FRAMES, 3, 2)
+    assert sorted(_collect(batches)) == sorted(
+        example_seed(0, "train", i) for i in range(NUM_TRAIN)
+    )
+    assert loader.stats.corrupt == 0
+
+
+def test_loader_random_crops_are_windows_of_the_clip(datasets):
+    loader = pipeline.make_loader(
+        datasets["a"]["train"], batch_size=4, seed=3, num_epochs=1, frames=5, crop=20
+    )
+    starts, corners = set(), set()
+    for batch in loader:
+        assert batch["video"].shape == (4, 5, 20, 20, 3)
+        for k in range(4):
+            sim = simulate(int(batch["seed"][k]), CFG)
+            full = sim["video"].astype(np.float32) * np.float32(2 / 255) - 1
+            hits = [
+                (t0, y0, x0)
+                for t0 in range(FRAMES - 5 + 1)
+                for y0 in range(SIZE - 20 + 1)
+                for x0 in range(SIZE - 20 + 1)
+                if np.array_equal(full[t0 : t0 + 5, y0 : y0 + 20, x0 : x0 + 20], batch["video"][k])
+            ]
+            assert hits, "cropped clip is not a window of the simulated clip"
+            t0, y0, x0 = hits[0]
+            starts.add(t0)
+            corners.add((y0, x0))
+            n = sim["num_balls"]
+            np.testing.assert_allclose(
+                batch["positions"][k, :, :n], sim["positions"][t0 : t0 + 5, :n] - [x0, y0], atol=1e-4
+            )
+    assert len(starts) > 1 and len(corners) > 1
+    with pytest.raises(ValueError, match="4k\\+1"):
+        pipeline.make_loader(datasets["a"]["train"], batch_size=2, seed=0, frames=4)
+
+
+def test_loader_shards_are_disjoint_and_cover(datasets):
+    shards = [
+        _collect(
+            pipeline.make_loader(
+                datasets["a"]["train"], batch_size=2, seed=5, num_epochs=1,
+                shard_index=i, shard_count=2,
+            )
+        )
+        for i in range(2)
+    ]
+    assert len(shards[0]) == len(shards[1]) == NUM_TRAIN // 2
+    assert not set(shards[0]) & set(shards[1])
+    assert set(shards[0]) | set(shards[1]) == {example_seed(0, "train", i) for i in range(NUM_TRAIN)}
+
+
+def test_loader_state_restore_resumes(datasets, tmp_path):
+    loader = pipeline.make_loader(datasets["a"]["train"], batch_size=3, seed=11, frames=5)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(3)]
+
+    it2 = iter(loader)
+    it2.set_state(state)
+    for want in expected:
+        got = next(it2)
+        assert np.array_equal(got["seed"], want["seed"])
+        assert np.array_equal(got["video"], want["video"])  # the random crop is reproduced too
+
+    # The same through Orbax, as the trainer checkpoints it.
+    import grain
+    import orbax.checkpoint as ocp
+
+    it3 = iter(loader)
+    it3.set_state(state)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it3)))
+        mngr.wait_until_finished()
+        it4 = iter(loader)
+        mngr.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it4)))
+    assert np.array_equal(next(it4)["seed"], expected[0]["seed"])
+
+
+class _CorruptingSource:
+    """Returns a wrong-shaped record at one index and raises at another."""
+
+    def __init__(self, source, bad_shape: int, raises: int):
+        self._source, self._bad_shape, self._raises = source, bad_shape, raises
+
+    def __len__(self):
+        return len(self._source)
+
+    def __getitem__(self, index):
+        if index == self._bad_shape:
+            return {"video": np.frombuffer(b"garbage!", np.uint8), "caption": b"\xff\xfe"}
+        if index == self._raises:
+            raise OSError("simulated unreadable record")
+        return self._source[index]
+
+    def __repr__(self):
+        return "CorruptingSource"
+
+
+def test_corrupt_records_are_skipped_and_counted(datasets):
+    src = _CorruptingSource(datasets["a"]["train"], bad_shape=3, raises=7)
+    loader = pipeline.make_loader(
+        src, batch_size=2, seed=0, shuffle=False, num_epochs=1, drop_remainder=False
+    )
+    seeds = _collect(loader)
+    good = [int(datasets["a"]["train"][i]["seed"]) for i in range(NUM_TRAIN) if i not in (3, 7)]
+    assert sorted(seeds) == sorted(good)
+    assert loader.stats.corrupt == 2 and loader.stats.last_error
+
+
+def test_numpy_batch(datasets):
+    src = datasets["a"]["test"]
+    batch = pipeline.numpy_batch(src, [0, 2, 3], frames=5)
+    assert batch["video"].shape == (3, 5, SIZE, SIZE, 3) and batch["caption"].dtype.kind == "U"
+    rec = src[2]
+    np.testing.assert_array_equal(batch["video"][1], rec["video"][:5] * np.float32(2 / 255) - 1)
+    stats = pipeline.LoaderStats()
+    bad = _CorruptingSource(src, bad_shape=1, raises=-1)
+    assert len(pipeline.numpy_batch(bad, [0, 1, 2], stats=stats)["caption"]) == 2
+    assert stats.corrupt == 1
