@@ -212,6 +212,8 @@ def test_loader_random_crops_are_windows_of_the_clip(datasets):
     assert len(starts) > 1 and len(corners) > 1
     with pytest.raises(ValueError, match="4k\\+1"):
         pipeline.make_loader(datasets["a"]["train"], batch_size=2, seed=0, frames=4)
+    with pytest.raises(ValueError, match="exceeds"):
+        pipeline.make_loader(datasets["a"]["train"], batch_size=2, seed=0, frames=13)
 
 
 def test_loader_shards_are_disjoint_and_cover(datasets):

@@ -59,7 +59,9 @@ class PhysicsConfig:
             raise ValueError("frames >= 1, size >= 8 and substeps >= 1 are required")
         lo, hi = self.radius_range
         if not 0 < lo <= hi < 0.25:
-            raise ValueError(f"radius_range must satisfy 0 < lo <= hi < 0.25, got {self.radius_range}")
+            raise ValueError(
+                f"radius_range must satisfy 0 < lo <= hi < 0.25, got {self.radius_range}"
+            )
 
 
 def _place_balls(
@@ -79,7 +81,9 @@ def _place_balls(
     return np.stack([xs, np.full(n, 0.5)], axis=-1)
 
 
-def _collide_pairs(pos: list[list[float]], vel: list[list[float]], radii: list[float], mass: list[float]) -> None:
+def _collide_pairs(
+    pos: list[list[float]], vel: list[list[float]], radii: list[float], mass: list[float]
+) -> None:
     """Elastic collisions of approaching, overlapping pairs; updates pos/vel in place."""
     n = len(radii)
     for i in range(n):
@@ -106,7 +110,9 @@ def _collide_pairs(pos: list[list[float]], vel: list[list[float]], radii: list[f
             pos[j][1] += ny * overlap * wj
 
 
-def _walls(pos: list[list[float]], vel: list[list[float]], radii: list[float], floor_hits: list[bool]) -> None:
+def _walls(
+    pos: list[list[float]], vel: list[list[float]], radii: list[float], floor_hits: list[bool]
+) -> None:
     """Reflects balls off the four walls in place and records floor hits."""
     for k, r in enumerate(radii):
         p, v = pos[k], vel[k]
@@ -122,7 +128,7 @@ def _walls(pos: list[list[float]], vel: list[list[float]], radii: list[float], f
 def run_physics(
     pos: np.ndarray, vel: np.ndarray, radii: np.ndarray, cfg: PhysicsConfig
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Integrates the system; returns positions/velocities [T,n,2] (unit square) and floor hits [n]."""
+    """Integrates; returns positions/velocities [T,n,2] (unit square) and floor hits [n]."""
     # Plain Python floats: with <= 6 balls, numpy's per-call overhead dominates the arithmetic.
     p = np.asarray(pos, np.float64).tolist()
     v = np.asarray(vel, np.float64).tolist()
@@ -181,10 +187,10 @@ def _join(words: list[str]) -> str:
 def make_caption(
     colors: list[int], positions: np.ndarray, floor_hits: np.ndarray
 ) -> str:
-    """Caption from state: count, colours (palette order), and the motion of the most-moving ball."""
+    """Caption from state: count, colours (palette order), motion of the most-moving ball."""
     n = len(colors)
     names = [COLOR_NAMES[c] for c in sorted(colors)]
-    path = np.linalg.norm(np.diff(positions, axis=0), axis=-1).sum(axis=0) if len(positions) > 1 else np.zeros(n)
+    path = np.linalg.norm(np.diff(positions, axis=0), axis=-1).sum(axis=0)  # zeros if T == 1
     k = int(np.argmax(path))
     dx, dy = positions[-1, k] - positions[0, k]
     if floor_hits[k]:
@@ -203,7 +209,7 @@ _CAPTION_RE = re.compile(r"^\s*([a-z]+) balls?: ([a-z ,]+?); the ([a-z]+) ball (
 
 
 def parse_caption(caption: str | bytes) -> tuple[int, list[str]]:
-    """Inverse of the caption template: returns (num_balls, colour names); ValueError if unparsable."""
+    """Inverse of the caption template: (num_balls, colour names); ValueError if unparsable."""
     if isinstance(caption, bytes):
         caption = caption.decode("utf-8")
     m = _CAPTION_RE.match(caption.lower())

@@ -134,7 +134,7 @@ def build_physics_dataset(
     num_test: int = 64,
     seed: int = 0,
 ) -> dict:
-    """Builds (or reuses) the dataset and returns {'train', 'test'} grain-compatible data sources."""
+    """Builds (or reuses) the dataset; returns {'train', 'test'} grain-compatible data sources."""
     builder = make_builder(
         data_dir, size=size, frames=frames, num_train=num_train, num_test=num_test, seed=seed
     )

@@ -219,8 +219,15 @@ def make_loader(
         num_epochs=num_epochs,
         seed=seed,
     )
+    video_shape = _expected_video_shape(source)
+    if video_shape is not None:
+        t, h, w = video_shape[:3]
+        if frames is not None and frames > t:
+            raise ValueError(f"frames={frames} exceeds the clip length {t}; use frames <= {t}")
+        if crop is not None and crop > min(h, w):
+            raise ValueError(f"crop={crop} exceeds the frame size {h}x{w}")
     stats = LoaderStats()
-    operations: list[Any] = [_Decode(_expected_video_shape(source)), _DropCorrupt(stats)]
+    operations: list[Any] = [_Decode(video_shape), _DropCorrupt(stats)]
     if frames is not None or crop is not None:
         operations.append(_RandomCrop(frames, crop))
     operations.append(grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder))
@@ -235,9 +242,13 @@ def make_loader(
 
 
 def numpy_batch(
-    source: Any, indices: Sequence[int], *, frames: int | None = None, stats: LoaderStats | None = None
+    source: Any,
+    indices: Sequence[int],
+    *,
+    frames: int | None = None,
+    stats: LoaderStats | None = None,
 ) -> dict[str, np.ndarray]:
-    """Decodes fixed examples (e.g. held-out eval clips) into one batch; corrupt ones are skipped."""
+    """Decodes fixed examples (e.g. held-out eval clips) into one batch, skipping corrupt ones."""
     _check_frames(frames, None)
     stats = stats if stats is not None else LoaderStats()
     tolerant = _TolerantSource(source)

@@ -28,7 +28,7 @@ def _to_rgb255(frame: np.ndarray) -> np.ndarray:
 
 
 def _components(cls: np.ndarray) -> np.ndarray:
-    """4-connected components of equal non-negative labels; returns a component id per pixel (-1 off)."""
+    """4-connected components of equal non-negative labels -> component id per pixel (-1: none)."""
     h, w = cls.shape
     big = h * w
     ids = np.where(cls >= 0, np.arange(h * w).reshape(h, w), big)
@@ -58,7 +58,7 @@ def _components(cls: np.ndarray) -> np.ndarray:
 def detect_balls(
     frame: np.ndarray, *, max_dist: float = 100.0, min_area: int | None = None
 ) -> list[dict]:
-    """Finds palette-coloured blobs in one frame; returns [{color, x, y, area}] by decreasing area."""
+    """Finds palette-coloured blobs in one frame: [{color, x, y, area}] by decreasing area."""
     rgb = _to_rgb255(frame)
     h, w = rgb.shape[:2]
     if min_area is None:
@@ -79,7 +79,12 @@ def detect_balls(
     colour = np.zeros(len(ids), np.int64)
     colour[inverse] = cls[on]
     balls = [
-        {"color": COLOR_NAMES[int(colour[i])], "x": float(cx[i]), "y": float(cy[i]), "area": int(areas[i])}
+        {
+            "color": COLOR_NAMES[int(colour[i])],
+            "x": float(cx[i]),
+            "y": float(cy[i]),
+            "area": int(areas[i]),
+        }
         for i in range(len(ids))
         if areas[i] >= min_area
     ]
