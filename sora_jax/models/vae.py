@@ -8,11 +8,13 @@ the same outputs as diffusers' chunked, feature-cached path; see `vae_blocks` fo
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from sora_jax.models.vae_blocks import AttentionBlock, MidBlock, Resample, ResidualBlock, RMSNorm, UpBlock, causal_conv3d
 
@@ -254,3 +256,32 @@ class CausalVAE(nn.Module):
         if sample_rng is not None:
             z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(sample_rng, mean.shape, mean.dtype)
         return self.decode(z.astype(self.cfg.dtype), deterministic), mean, logvar
+
+
+def init_vae_variables(cfg: VAEConfig, rng: jax.Array) -> dict[str, Any]:
+    """Same as `CausalVAE(cfg).init` (boxed with logical names, same distributions) but fast to compile.
+
+    `model.init` derives one threefry key per parameter and XLA:CPU compiles each derivation
+    separately (tens of seconds for ~100 convs); here every kernel comes from one uniform draw.
+    """
+    s = cfg.spatial_factor
+    dummy = jax.ShapeDtypeStruct((1, 1 + cfg.temporal_factor, s, s, 3), jnp.float32)
+    abstract = jax.eval_shape(CausalVAE(cfg).init, rng, dummy)
+    flat = traverse_util.flatten_dict(abstract["params"])
+    kernels = [k for k in flat if k[-1] == "kernel"]
+    sizes = [math.prod(flat[k].value.shape) for k in kernels]
+    draw = jax.random.uniform(rng, (sum(sizes),), jnp.float32, -1.0, 1.0)
+    out, offset = {}, 0
+    for path, box in flat.items():
+        shape, dtype = box.value.shape, box.value.dtype
+        if path[-1] == "kernel":
+            n = math.prod(shape)
+            # PyTorch's default conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+            value = draw[offset : offset + n].reshape(shape) / math.sqrt(math.prod(shape[:-1]))
+            offset += n
+        elif path[-1] == "gamma":
+            value = jnp.ones(shape)
+        else:
+            value = jnp.zeros(shape)
+        out[path] = box.replace_boxed(value.astype(dtype))
+    return {"params": traverse_util.unflatten_dict(out)}

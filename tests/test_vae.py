@@ -1,0 +1,246 @@
+"""Causal 3D VAE: shapes, causality, validation, logical axis names, Wan2.1 parity."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sora_jax.models.vae import (
+    CausalVAE,
+    VAEConfig,
+    denormalize_latents,
+    init_vae_variables,
+    kl_divergence,
+    normalize_latents,
+    validate_video_shape,
+)
+
+B, H, W = 2, 16, 16  # one batch/spatial shape for all jitted tests: compile once per frame count
+
+
+@pytest.fixture(scope="module")
+def vae():
+    """(model, params, jitted encode, jitted decode, jitted call) for the tiny config."""
+    cfg = VAEConfig.tiny()
+    model = CausalVAE(cfg)
+    params = nn.unbox(jax.jit(lambda k: init_vae_variables(cfg, k))(jax.random.PRNGKey(0)))
+    enc = jax.jit(lambda p, x: model.apply(p, x, method=CausalVAE.encode))
+    dec = jax.jit(lambda p, z: model.apply(p, z, method=CausalVAE.decode))
+    call = jax.jit(lambda p, x, rng: model.apply(p, x, rng))
+    return model, params, enc, dec, call
+
+
+def _video(frames: int, seed: int = 0) -> jax.Array:
+    return jax.random.uniform(jax.random.PRNGKey(seed), (B, frames, H, W, 3), minval=-1.0, maxval=1.0)
+
+
+def test_config_factors():
+    assert VAEConfig().temporal_factor == 4 and VAEConfig().spatial_factor == 8
+    tiny = VAEConfig.tiny()
+    assert (tiny.temporal_factor, tiny.spatial_factor) == (4, 8)
+    wan = VAEConfig.wan21()
+    assert len(wan.latents_mean) == len(wan.latents_std) == wan.z_dim == 16
+    assert wan.temperal_downsample == (False, True, True)
+    assert VAEConfig(dim_mult=[1, 2, 4, 4]) == VAEConfig()  # lists normalised: hashable for jit
+    hash(wan)
+    assert wan.latent_shape(17, 480, 832) == (5, 60, 104, 16)
+
+
+@pytest.mark.parametrize("frames", [1, 5, 9])
+def test_shapes(vae, frames):
+    model, params, enc, dec, call = vae
+    t = 1 + (frames - 1) // 4
+    mean, logvar = enc(params, _video(frames))
+    assert mean.shape == logvar.shape == (B, t, H // 8, W // 8, 8)
+    assert float(logvar.min()) >= -30.0 and float(logvar.max()) <= 20.0
+    out = dec(params, mean)
+    assert out.shape == (B, frames, H, W, 3)
+    assert float(jnp.abs(out).max()) <= 1.0
+    if frames == 5:
+        recon, m2, lv2 = call(params, _video(frames), jax.random.PRNGKey(1))
+        assert recon.shape == (B, frames, H, W, 3) and m2.shape == mean.shape
+        np.testing.assert_allclose(m2, mean, atol=1e-6)
+        assert not np.allclose(recon, out)  # decoded a posterior sample, not the mean
+
+
+def test_encoder_is_causal(vae):
+    _, params, enc, _, _ = vae
+    x = _video(9)
+    base = np.asarray(enc(params, x)[0])
+    # latent j sees input frames <= 4j: frame 4 belongs to latent 1, frame 5 to latent 2.
+    for frame, first_changed in [(0, 0), (1, 1), (4, 1), (5, 2), (8, 2)]:
+        x2 = x.at[:, frame].set(-x[:, frame])
+        got = np.asarray(enc(params, x2)[0])
+        np.testing.assert_array_equal(got[:, :first_changed], base[:, :first_changed])
+        for j in range(first_changed, 3):
+            assert np.abs(got[:, j] - base[:, j]).max() > 1e-6, (frame, j)
+
+
+def test_decoder_is_causal(vae):
+    _, params, enc, dec, _ = vae
+    z = enc(params, _video(9))[0]
+    base = np.asarray(dec(params, z))
+    # output frames of latent j: 0 for j=0, 4j-3..4j otherwise.
+    for j, first_frame in [(0, 0), (1, 1), (2, 5)]:
+        z2 = z.at[:, j].add(1.0)
+        got = np.asarray(dec(params, z2))
+        np.testing.assert_array_equal(got[:, :first_frame], base[:, :first_frame])
+        assert np.abs(got[:, first_frame:] - base[:, first_frame:]).max() > 1e-6, j
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((8, 16, 16), "frame count 8 cannot be encoded by the causal VAE: it needs 4k+1 frames (1, 5, 9, 13, 17, ...); use 9"),
+        ((16, 16, 16), "use 17"),
+        ((0, 16, 16), "use 1"),
+        ((5, 20, 16), "height/width must be multiples of 8; got 20x16"),
+        ((5, 16, 4), "height/width must be multiples of 8"),
+    ],
+)
+def test_bad_shapes_raise_clear_error(vae, shape, message):
+    model, params, *_ = vae
+    with pytest.raises(ValueError) as err:
+        validate_video_shape(model.cfg, *shape)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    if shape[0] > 0:
+        with pytest.raises(ValueError, match="must be multiples|cannot be encoded"):
+            model.apply(params, jnp.zeros((1, *shape, 3)), method=CausalVAE.encode)
+
+
+def test_parameters_have_logical_names():
+    cfg = VAEConfig.tiny(attn_scales=(1.0,))
+    abstract = jax.eval_shape(CausalVAE(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 5, H, W, 3)))
+    specs = nn.get_partition_spec(abstract)["params"]
+    shapes = nn.unbox(abstract)["params"]
+    flat_specs = jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    flat_shapes = dict(jax.tree_util.tree_leaves_with_path(shapes))
+    assert len(flat_specs) == len(flat_shapes) > 0
+    kernels = 0
+    for path, spec in flat_specs:
+        shape = flat_shapes[path].shape
+        assert len(spec) == len(shape) and any(spec), (jax.tree_util.keystr(path), spec)
+        if path[-1].key == "kernel":
+            kernels += 1
+            # taps are unnamed: flax forbids one logical name on several dims, and they never shard
+            expected = (None,) * (len(shape) - 2) + ("conv_in", "conv_out")
+            assert tuple(spec) == expected, jax.tree_util.keystr(path)
+        elif path[-1].key == "gamma":
+            assert tuple(spec) == ("norm",)
+        else:
+            assert tuple(spec) == ("conv_out",)
+    assert kernels > 20
+    # every name is in the shared vocabulary, so every preset can map it
+    from sora_jax.parallel.rules import LOGICAL_AXES
+
+    assert {n for _, s in flat_specs for n in s} - {None} <= set(LOGICAL_AXES)
+
+
+def test_latent_normalization_and_kl():
+    cfg = VAEConfig.wan21()
+    z = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 4, 16))
+    np.testing.assert_allclose(denormalize_latents(normalize_latents(z, cfg), cfg), z, atol=1e-5)
+    np.testing.assert_allclose(normalize_latents(z, VAEConfig.tiny(z_dim=16)), z)
+    kl = kl_divergence(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3, 4)))
+    assert kl.shape == (2,) and float(jnp.abs(kl).max()) == 0.0
+    assert float(kl_divergence(jnp.ones((1, 5)), jnp.zeros((1, 5)))[0]) == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------- Wan2.1 parity
+
+_PARITY_KW = dict(
+    base_dim=16,
+    z_dim=4,
+    dim_mult=[1, 2, 2, 2],
+    num_res_blocks=1,
+    attn_scales=[],  # diffusers' chunked encoder crashes with attention in down_blocks
+    temperal_downsample=[False, True, True],
+    latents_mean=[0.0] * 4,
+    latents_std=[1.0] * 4,
+)
+
+
+@pytest.fixture(scope="module")
+def wan_pair():
+    """A small random diffusers AutoencoderKLWan (weights perturbed off init) and our converted params."""
+    pytest.importorskip("diffusers")
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from sora_jax.convert.wan_vae import convert_wan_vae_state_dict
+
+    torch.manual_seed(0)
+    ref = AutoencoderKLWan(**_PARITY_KW).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # gammas/biases off their 1/0 init
+    state = {k: v.numpy() for k, v in ref.state_dict().items()}
+    cfg = VAEConfig.from_diffusers(dict(ref.config))
+    return ref, cfg, state, convert_wan_vae_state_dict(state, cfg)
+
+
+@pytest.mark.parametrize("frames", [1, 9])
+def test_parity_with_diffusers(wan_pair, frames):
+    import torch
+
+    ref, cfg, _, params = wan_pair
+    model = CausalVAE(cfg)
+    torch.manual_seed(frames)
+    x = torch.rand(2, 3, frames, 16, 24) * 2 - 1
+    with torch.no_grad():
+        dist = ref.encode(x).latent_dist
+        # decode a latent away from the mean too, so clamping does not hide differences
+        z = dist.mean * 0.3
+        out = ref.decode(z).sample
+
+    def ours(a: torch.Tensor) -> np.ndarray:
+        return a.numpy().transpose(0, 2, 3, 4, 1)
+
+    mean, logvar = model.apply(params, jnp.asarray(ours(x)), method=CausalVAE.encode)
+    recon = model.apply(params, jnp.asarray(ours(z)), method=CausalVAE.decode)
+    np.testing.assert_allclose(np.asarray(mean), ours(dist.mean), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(logvar), ours(dist.logvar), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(recon), ours(out), atol=1e-4, rtol=0)
+
+
+def test_converter_names_the_bad_tensor(wan_pair):
+    from sora_jax.convert.wan_vae import convert_wan_vae_state_dict
+
+    _, cfg, state, _ = wan_pair
+    missing = {k: v for k, v in state.items() if k != "decoder.mid_block.attentions.0.proj.weight"}
+    with pytest.raises(ValueError, match=r"missing tensor 'decoder\.mid_block\.attentions\.0\.proj\.weight'"):
+        convert_wan_vae_state_dict(missing, cfg)
+    bad = dict(state, **{"encoder.conv_in.weight": np.zeros((3, 3, 3, 3, 3), np.float32)})
+    with pytest.raises(ValueError, match=r"tensor 'encoder\.conv_in\.weight' has shape"):
+        convert_wan_vae_state_dict(bad, cfg)
+    extra = dict(state, **{"encoder.extra.weight": np.zeros((1,), np.float32)})
+    with pytest.raises(ValueError, match="encoder.extra.weight"):
+        convert_wan_vae_state_dict(extra, cfg)
+
+
+def test_wan21_names_and_shapes_match_diffusers():
+    """The full Wan2.1 config has exactly diffusers' tensors, shape for shape (no weights computed)."""
+    pytest.importorskip("diffusers")
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from sora_jax.convert.wan_vae import diffusers_name, param_shapes
+
+    with torch.device("meta"):
+        ref = AutoencoderKLWan()
+    theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    ours = {diffusers_name(p): s for p, s in param_shapes(VAEConfig.wan21()).items()}
+    assert set(ours) == set(theirs)
+    for name, shape in ours.items():
+        t = theirs[name]
+        if len(t) == 5:
+            t = (t[2], t[3], t[4], t[1], t[0])
+        elif len(t) == 4 and len(shape) == 4:
+            t = (t[2], t[3], t[1], t[0])
+        else:
+            t = (int(np.prod(t)),)
+        assert shape == t, name
+    assert sum(int(np.prod(s)) for s in ours.values()) == sum(p.numel() for p in ref.parameters())
