@@ -21,7 +21,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.workdir = "runs/dit"
     c.vae_workdir = "runs/vae"  # trained VAE whose latents the DiT learns
     # Overrides of the DiT variant's dataclass fields (see sora_jax.models.dit.dit_config).
-    c.model = ml_collections.ConfigDict({"attention": "xla", "remat": "none", "scan_layers": True})
+    c.model = ml_collections.ConfigDict(
+        {"patch_size": (1, 2, 2), "attention": "xla", "remat": "none", "scan_layers": True}
+    )
     c.text = ml_collections.ConfigDict({"encoder_dir": "", "max_length": 24})
     c.data = common.data_config(runlocal=a.runlocal)
     c.data.batch_size = 16

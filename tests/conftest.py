@@ -8,3 +8,51 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+import pytest  # noqa: E402
+
+
+def tiny_overrides(root) -> list[str]:
+    """Config overrides for a seconds-long run on 8 simulated devices (mesh data=2 x fsdp=4)."""
+    return [
+        f"--config.data.dir={root}/data",
+        "--config.data.size=32",
+        "--config.data.frames=5",
+        "--config.data.num_train=16",
+        "--config.data.num_test=4",
+        "--config.data.batch_size=8",
+        "--config.data.worker_count=0",
+        "--config.mesh.shape.data=2",
+        "--config.mesh.shape.fsdp=4",
+        "--config.train.steps=2",
+        "--config.train.log_every=1",
+        "--config.train.progress=false",
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory):
+    """A VAE run and a DiT run trained for a couple of steps; shared by CLI/pipeline tests."""
+    from sora_jax.config_overrides import apply_overrides, load_config
+    from sora_jax.train.dit_trainer import train_dit
+    from sora_jax.train.vae_trainer import train_vae
+
+    root = tmp_path_factory.mktemp("runs")
+    vae_cfg = apply_overrides(
+        load_config("vae"),
+        # Pure data parallel here: the sharded (fsdp) step is covered in test_train, and the VAE's
+        # fsdp compile on 8 simulated devices costs ~30 s more.
+        tiny_overrides(root) + [f"--config.workdir={root}/vae", "--config.data.crop_frames=5",
+                                "--config.mesh.shape.data=8", "--config.mesh.shape.fsdp=1",
+                                "--config.mesh.rules=data",
+                                "--config.data.crop_size=16", "--config.eval.num_clips=4"],
+    )
+    vae_out = train_vae(vae_cfg)
+    dit_cfg = apply_overrides(
+        load_config("dit"),
+        tiny_overrides(root) + [f"--config.workdir={root}/dit", f"--config.vae_workdir={root}/vae",
+                                "--config.sample.steps=2"],
+    )
+    dit_out = train_dit(dit_cfg)
+    return {"root": root, "vae": vae_out, "dit": dit_out, "vae_cfg": vae_cfg, "dit_cfg": dit_cfg}

@@ -76,7 +76,12 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
     """NamedShardings for a pytree of (possibly LogicallyPartitioned) abstract arrays."""
     specs = nn.get_partition_spec(abstract_boxed)
     mesh_specs = nn.logical_to_mesh(specs, rules)
-    unboxed = nn.meta.unbox(abstract_boxed)
+    # Not nn.meta.unbox: under a mesh it adds sharding constraints, which abstract values cannot take.
+    unboxed = jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
+        abstract_boxed,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    )
     return jax.tree.map(
         lambda leaf, spec: NamedSharding(mesh, _fit_spec(spec, leaf.shape, mesh)),
         unboxed,

@@ -47,7 +47,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
     """AdamW with linear warmup then cosine decay, after global-norm clipping."""
     warmup = max(1, min(int(cfg.warmup_steps), total_steps - 1)) if total_steps > 1 else 1
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
+        # Starting at peak/warmup rather than 0 keeps the very first update from being a no-op.
+        init_value=cfg.lr / warmup,
         peak_value=cfg.lr,
         warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1),

@@ -110,11 +110,12 @@ def train_vae(config: ml_collections.ConfigDict) -> dict[str, Any]:
             log_every=config.train.log_every, ckpt_every=config.train.ckpt_every,
             max_minutes=config.train.max_minutes,
         )
-        # Latent statistics make DiT inputs unit-scale; they are part of the VAE's config.
-        stats = latent_statistics(model, state.eval_params, sources["train"], mesh, config.eval.num_clips)
-        vae_cfg = dataclasses.replace(vae_cfg, latents_mean=stats[0], latents_std=stats[1])
-        checkpoint.write_json_atomic(workdir / VAE_CONFIG_FILE, _config_dict(vae_cfg))
-        eval_psnr = evaluate_vae(model, state.eval_params, sources["test"], mesh, config.eval.num_clips)
+    # Evaluation runs outside the mesh context: small odd-sized batches need no batch sharding.
+    # Latent statistics make DiT inputs unit-scale; they are part of the VAE's config.
+    stats = latent_statistics(model, state.eval_params, sources["train"], config.eval.num_clips)
+    vae_cfg = dataclasses.replace(vae_cfg, latents_mean=stats[0], latents_std=stats[1])
+    checkpoint.write_json_atomic(workdir / VAE_CONFIG_FILE, _config_dict(vae_cfg))
+    eval_psnr = evaluate_vae(model, state.eval_params, sources["test"], config.eval.num_clips)
     logger.close()
     manager.close()
     final = logger.history[-1] if logger.history else {}
@@ -158,18 +159,16 @@ def _clips(source, n: int) -> np.ndarray:
     return np.stack([np.asarray(source[i]["video"]) for i in range(n)]).astype(np.float32) / 127.5 - 1.0
 
 
-def latent_statistics(model: CausalVAE, params, source, mesh, num_clips: int) -> tuple[tuple, tuple]:
+def latent_statistics(model: CausalVAE, params, source, num_clips: int) -> tuple[tuple, tuple]:
     """Per-channel mean and std of posterior means over the first clips of a split."""
-    del mesh  # small enough to run replicated
     clips = _clips(source, max(num_clips, 8))
     z = np.concatenate([np.asarray(_encode_mean(model, params, clips[i:i + 4])) for i in range(0, len(clips), 4)])
     flat = z.reshape(-1, z.shape[-1])
     return tuple(float(v) for v in flat.mean(0)), tuple(float(v) for v in flat.std(0) + 1e-6)
 
 
-def evaluate_vae(model: CausalVAE, params, source, mesh, num_clips: int) -> float:
+def evaluate_vae(model: CausalVAE, params, source, num_clips: int) -> float:
     """Reconstruction PSNR (dB) of whole held-out clips through encode(mean) -> decode."""
-    del mesh
     clips = _clips(source, num_clips)
     recon = np.concatenate(
         [np.asarray(_reconstruct(model, params, clips[i:i + 4])) for i in range(0, len(clips), 4)]
