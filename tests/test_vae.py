@@ -59,11 +59,16 @@ def test_shapes(vae, frames):
     out = dec(params, mean)
     assert out.shape == (B, frames, H, W, 3)
     assert float(jnp.abs(out).max()) <= 1.0
-    if frames == 5:
-        recon, m2, lv2 = call(params, _video(frames), jax.random.PRNGKey(1))
-        assert recon.shape == (B, frames, H, W, 3) and m2.shape == mean.shape
-        np.testing.assert_allclose(m2, mean, atol=1e-6)
-        assert not np.allclose(recon, out)  # decoded a posterior sample, not the mean
+
+
+def test_call_samples_the_posterior(vae):
+    _, params, enc, dec, call = vae
+    x = _video(1)
+    mean, _ = enc(params, x)
+    recon, m2, lv2 = call(params, x, jax.random.PRNGKey(1))
+    assert recon.shape == x.shape and m2.shape == lv2.shape == mean.shape
+    np.testing.assert_allclose(m2, mean, atol=1e-6)
+    assert not np.allclose(recon, dec(params, mean))  # decoded a posterior sample, not the mean
 
 
 def test_encoder_is_causal(vae):
@@ -94,7 +99,10 @@ def test_decoder_is_causal(vae):
 @pytest.mark.parametrize(
     "shape, message",
     [
-        ((8, 16, 16), "frame count 8 cannot be encoded by the causal VAE: it needs 4k+1 frames (1, 5, 9, 13, 17, ...); use 9"),
+        (
+            (8, 16, 16),
+            "frame count 8 cannot be encoded by the causal VAE: it needs 4k+1 frames (1, 5, 9, 13, 17, ...); use 9",
+        ),
         ((16, 16, 16), "use 17"),
         ((0, 16, 16), "use 1"),
         ((5, 20, 16), "height/width must be multiples of 8; got 20x16"),
@@ -116,7 +124,8 @@ def test_parameters_have_logical_names():
     abstract = jax.eval_shape(CausalVAE(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 5, H, W, 3)))
     specs = nn.get_partition_spec(abstract)["params"]
     shapes = nn.unbox(abstract)["params"]
-    flat_specs = jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+    flat_specs = jax.tree_util.tree_leaves_with_path(specs, is_leaf=is_spec)
     flat_shapes = dict(jax.tree_util.tree_leaves_with_path(shapes))
     assert len(flat_specs) == len(flat_shapes) > 0
     kernels = 0
@@ -141,12 +150,24 @@ def test_parameters_have_logical_names():
 
 def test_latent_normalization_and_kl():
     cfg = VAEConfig.wan21()
-    z = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 4, 16))
+    z = np.random.default_rng(0).normal(size=(2, 3, 4, 4, 16)).astype(np.float32)
     np.testing.assert_allclose(denormalize_latents(normalize_latents(z, cfg), cfg), z, atol=1e-5)
     np.testing.assert_allclose(normalize_latents(z, VAEConfig.tiny(z_dim=16)), z)
-    kl = kl_divergence(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3, 4)))
-    assert kl.shape == (2,) and float(jnp.abs(kl).max()) == 0.0
-    assert float(kl_divergence(jnp.ones((1, 5)), jnp.zeros((1, 5)))[0]) == pytest.approx(0.5)
+    kl = kl_divergence(np.zeros((2, 3, 4), np.float32), np.zeros((2, 3, 4), np.float32))
+    assert kl.shape == (2,) and float(np.abs(kl).max()) == 0.0
+    kl1 = kl_divergence(np.ones((1, 5), np.float32), np.zeros((1, 5), np.float32))
+    assert float(kl1[0]) == pytest.approx(0.5)
+
+
+def test_fast_init_matches_module_init():
+    """init_vae_variables has model.init's tree, shapes, dtypes and logical names, torch-like scales."""
+    cfg = VAEConfig.tiny()
+    rng = jax.random.PRNGKey(0)
+    ref = jax.eval_shape(CausalVAE(cfg).init, rng, jnp.zeros((1, 5, H, W, 3)))
+    fast = jax.eval_shape(lambda k: init_vae_variables(cfg, k), rng)
+    assert jax.tree_util.tree_structure(ref) == jax.tree_util.tree_structure(fast)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), ref) == jax.tree.map(lambda a: (a.shape, a.dtype), fast)
+    assert nn.get_partition_spec(ref) == nn.get_partition_spec(fast)
 
 
 # --------------------------------------------------------------------------- Wan2.1 parity
@@ -199,8 +220,8 @@ def test_parity_with_diffusers(wan_pair, frames):
     def ours(a: torch.Tensor) -> np.ndarray:
         return a.numpy().transpose(0, 2, 3, 4, 1)
 
-    mean, logvar = model.apply(params, jnp.asarray(ours(x)), method=CausalVAE.encode)
-    recon = model.apply(params, jnp.asarray(ours(z)), method=CausalVAE.decode)
+    mean, logvar = jax.jit(lambda p, v: model.apply(p, v, method=CausalVAE.encode))(params, ours(x))
+    recon = jax.jit(lambda p, v: model.apply(p, v, method=CausalVAE.decode))(params, ours(z))
     np.testing.assert_allclose(np.asarray(mean), ours(dist.mean), atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.asarray(logvar), ours(dist.logvar), atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.asarray(recon), ours(out), atol=1e-4, rtol=0)

@@ -66,7 +66,10 @@ def convert_wan_vae_state_dict(
     for path, shape in shapes.items():
         name = diffusers_name(path)
         if name not in state_dict:
-            raise ValueError(f"checkpoint is missing tensor {name!r} (for {'/'.join(path)}); is it a Wan2.1 AutoencoderKLWan?")
+            raise ValueError(
+                f"checkpoint is missing tensor {name!r} (for {'/'.join(path)}); "
+                "is it a Wan2.1 AutoencoderKLWan state dict?"
+            )
         tensor = np.asarray(state_dict[name], dtype=np.float32)
         flat[path] = jnp.asarray(_to_ours(name, tensor, shape), dtype=dtype)
         used.add(name)

@@ -16,7 +16,15 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from sora_jax.models.vae_blocks import AttentionBlock, MidBlock, Resample, ResidualBlock, RMSNorm, UpBlock, causal_conv3d
+from sora_jax.models.vae_blocks import (
+    AttentionBlock,
+    MidBlock,
+    Resample,
+    ResidualBlock,
+    RMSNorm,
+    UpBlock,
+    causal_conv3d,
+)
 
 # diffusers' AutoencoderKLWan defaults: per-channel statistics of Wan2.1 latents.
 WAN21_LATENTS_MEAN = (
@@ -61,7 +69,9 @@ class VAEConfig:
         for f in ("latents_mean", "latents_std"):
             v = getattr(self, f)
             if v is not None and len(v) != self.z_dim:
-                raise ValueError(f"{f} has {len(v)} values but z_dim is {self.z_dim}; give one per latent channel")
+                raise ValueError(
+                    f"{f} has {len(v)} values but z_dim is {self.z_dim}; give one per latent channel"
+                )
 
     @property
     def temperal_downsample(self) -> tuple[bool, ...]:
@@ -100,9 +110,12 @@ class VAEConfig:
     def from_diffusers(cls, config: dict[str, Any], **overrides: Any) -> "VAEConfig":
         """Build from an AutoencoderKLWan `config.json` dict (Wan2.1 layout only)."""
         base = config.get("base_dim", 96)
-        for key, ok in (("is_residual", (False,)), ("patch_size", (None, 1)), ("decoder_base_dim", (None, base))):
+        wan21_values = {"is_residual": (False,), "patch_size": (None, 1), "decoder_base_dim": (None, base)}
+        for key, ok in wan21_values.items():
             if config.get(key, ok[0]) not in ok:
-                raise ValueError(f"AutoencoderKLWan {key}={config[key]!r} (Wan2.2 layout) is not supported; only Wan2.1")
+                raise ValueError(
+                    f"AutoencoderKLWan {key}={config[key]!r} (Wan2.2 layout) is not supported; only Wan2.1"
+                )
         kw = dict(
             base_dim=config.get("base_dim", 96),
             z_dim=config.get("z_dim", 16),
@@ -211,7 +224,8 @@ class Decoder3d(nn.Module):
             mode = None
             if i != len(cfg.dim_mult) - 1:
                 mode = "upsample3d" if temporal_upsample[i] else "upsample2d"
-            x = UpBlock(out_dim, cfg.num_res_blocks, mode, cfg.dropout, name=f"up_blocks_{i}", **kw)(x, deterministic)
+            up = UpBlock(out_dim, cfg.num_res_blocks, mode, cfg.dropout, name=f"up_blocks_{i}", **kw)
+            x = up(x, deterministic)
         x = nn.silu(RMSNorm(name="norm_out", **kw)(x))
         return causal_conv3d(self.out_channels, 3, 1, name="conv_out", **kw)(x)
 
@@ -230,9 +244,11 @@ class CausalVAE(nn.Module):
         self.decoder = Decoder3d(cfg)
 
     def encode(self, video: jax.Array, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
-        """video [B, T, H, W, 3] in [-1, 1] -> (mean, logvar), each [B, 1+(T-1)/4, H/8, W/8, z_dim], float32."""
+        """video [B, T, H, W, 3] in [-1, 1] -> float32 (mean, logvar), each [B, 1+(T-1)/4, H/8, W/8, z]."""
         if video.ndim != 5 or video.shape[-1] != 3:
-            raise ValueError(f"video must be [batch, frames, height, width, 3]; got shape {tuple(video.shape)}")
+            raise ValueError(
+                f"video must be [batch, frames, height, width, 3]; got shape {tuple(video.shape)}"
+            )
         validate_video_shape(self.cfg, *video.shape[1:4])
         x = nn.with_logical_constraint(video, ("batch", None, None, None, None))
         h = self.quant_conv(self.encoder(x, deterministic)).astype(jnp.float32)
@@ -242,7 +258,9 @@ class CausalVAE(nn.Module):
     def decode(self, z: jax.Array, deterministic: bool = True) -> jax.Array:
         """latent [B, t, h, w, z_dim] -> video [B, 1+4(t-1), 8h, 8w, 3] clamped to [-1, 1], float32."""
         if z.ndim != 5 or z.shape[-1] != self.cfg.z_dim:
-            raise ValueError(f"latent must be [batch, frames, height, width, {self.cfg.z_dim}]; got shape {tuple(z.shape)}")
+            raise ValueError(
+                f"latent must be [batch, frames, height, width, {self.cfg.z_dim}]; got shape {tuple(z.shape)}"
+            )
         z = nn.with_logical_constraint(z, ("batch", None, None, None, None))
         out = self.decoder(self.post_quant_conv(z), deterministic)
         return jnp.clip(out.astype(jnp.float32), -1.0, 1.0)

@@ -116,7 +116,10 @@ class RMSNorm(nn.Module):
         """Normalise the last axis."""
         dim = x.shape[-1]
         gamma = self.param(
-            "gamma", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (dim,), self.param_dtype
+            "gamma",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+            (dim,),
+            self.param_dtype,
         )
         x32 = x.astype(jnp.float32)
         # F.normalize divides by max(||x||, 1e-12); sqrt(max(sumsq, 1e-24)) is the same number.
@@ -124,7 +127,10 @@ class RMSNorm(nn.Module):
         y = x32 * inv * (dim**0.5) * gamma.astype(jnp.float32)
         if self.use_bias:
             bias = self.param(
-                "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), (dim,), self.param_dtype
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+                (dim,),
+                self.param_dtype,
             )
             y = y + bias.astype(jnp.float32)
         return y.astype(self.dtype)
