@@ -23,12 +23,12 @@ from sora_jax.models.attention import attention
 Dtype = jnp.dtype
 
 
-
 def _kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
     """PyTorch's default conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = taps x in_channels.
 
-    Drawn with the `rbg` generator: XLA:CPU takes ~0.7 s to compile each threefry draw, which made
-    initialising the ~100 VAE kernels take over a minute; RngBitGenerator compiles in milliseconds.
+    Drawn with the `rbg` generator because XLA:CPU spends ~0.5 s compiling each threefry draw: the
+    tiny `model.init` compiled in ~70 s with threefry, ~12 s with this (flax's per-parameter key
+    derivations remain; `vae.init_vae_variables` avoids those too).
     """
     data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
     data = data.reshape(-1).astype(jnp.uint32)
