@@ -16,7 +16,7 @@ import numpy as np
 from sora_jax.data.physics_tfds import build_physics_dataset
 from sora_jax.data.pipeline import make_loader
 from sora_jax.eval.video import psnr
-from sora_jax.models.vae import CausalVAE, VAEConfig, kl_divergence, validate_video_shape
+from sora_jax.models.vae import CausalVAE, VAEConfig, init_vae_variables, kl_divergence, validate_video_shape
 from sora_jax.parallel.mesh import batch_sharding, global_batch
 from sora_jax.train import checkpoint
 from sora_jax.train.loop import run_loop
@@ -77,14 +77,10 @@ def train_vae(config: ml_collections.ConfigDict) -> dict[str, Any]:
         worker_count=config.data.worker_count, frames=frames, crop=crop,
     )
     model = CausalVAE(vae_cfg)
-    n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    dummy = jnp.zeros((n_shards, frames, crop, crop, 3), jnp.float32)
     tx = make_optimizer(config.optim, config.train.steps)
-    rng = jax.random.key(config.seed)
-    init_rng, noise_rng, train_rng = jax.random.split(rng, 3)
+    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     state, shardings = create_sharded_state(
-        lambda k: model.init({"params": k}, dummy, sample_rng=noise_rng),
-        tx, float(config.optim.ema_decay), mesh, rules, init_rng,
+        lambda k: init_vae_variables(vae_cfg, k), tx, float(config.optim.ema_decay), mesh, rules, init_rng
     )
     manager = checkpoint.make_manager(workdir / "ckpt", keep=config.train.keep)
     data_iter = iter(loader)
@@ -134,8 +130,7 @@ def load_vae(workdir: str | Path, *, mesh=None, rules=()) -> tuple[CausalVAE, An
     d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
     d["dtype"], d["param_dtype"] = jnp.dtype(d["dtype"]), jnp.dtype(d["param_dtype"])
     model = CausalVAE(VAEConfig(**d))
-    dummy = jnp.zeros((1, 1, 8, 8, 3), jnp.float32)
-    abstract = jax.eval_shape(lambda: nn.meta.unbox(model.init({"params": jax.random.key(0)}, dummy)))
+    abstract = jax.eval_shape(lambda: nn.meta.unbox(init_vae_variables(model.cfg, jax.random.key(0))))
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
     params = checkpoint.restore_params(workdir / "ckpt", abstract)
