@@ -184,6 +184,8 @@ def test_parity_with_diffusers():
             p.add_(torch.randn_like(p) * 0.05)
     state = {k: v.numpy() for k, v in ref.state_dict().items()}
     params = convert_wan_dit_state_dict(state, cfg)
+    with pytest.raises(ValueError, match="add_k_proj"):  # I2V weights are not silently dropped
+        convert_wan_dit_state_dict({**state, "blocks.0.attn2.add_k_proj.weight": np.zeros(1)}, cfg)
 
     latents, t, text = _inputs(cfg, (3, 4, 6))
     with torch.no_grad():
@@ -200,18 +202,15 @@ def test_parity_with_diffusers():
 
 
 def test_convert_rejects_bad_checkpoint():
-    pytest.importorskip("diffusers")
     from sora_jax.convert.wan_dit import convert_wan_dit_state_dict
 
     cfg = dit_config("tiny", num_layers=1)
-    abstract = {  # a fake state dict with correct shapes, from the converter's own expectation
-        "patch_embedding.weight": np.zeros((cfg.hidden_size, cfg.in_channels, 1, 2, 2), np.float32),
-    }
+    state = {"patch_embedding.weight": np.zeros((cfg.hidden_size, cfg.in_channels, 1, 2, 2), np.float32)}
     with pytest.raises(ValueError, match="missing tensor 'patch_embedding.bias'"):
-        convert_wan_dit_state_dict(abstract, cfg)
-    abstract["patch_embedding.weight"] = np.zeros((3, 3, 1, 2, 2), np.float32)
+        convert_wan_dit_state_dict(state, cfg)
+    state["patch_embedding.weight"] = np.zeros((3, 3, 1, 2, 2), np.float32)
     with pytest.raises(ValueError, match="'patch_embedding.weight' has shape"):
-        convert_wan_dit_state_dict(abstract, cfg)
+        convert_wan_dit_state_dict(state, cfg)
 
 
 @pytest.mark.parametrize("preset", ["fsdp_tensor", "fsdp_sequence"])
@@ -230,3 +229,17 @@ def test_sharded_apply_matches_single_device(cfg, params, apply_fn, preset):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         out = jax.jit(lambda p, *a: DiT(cfg).apply({"params": p}, *a))(sharded, *inputs)
     np.testing.assert_allclose(np.asarray(out), np.asarray(apply_fn(params, *inputs)), atol=1e-5)
+
+
+def test_load_safetensors_bf16(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    from sora_jax.convert.wan_dit import load_wan_dit_safetensors
+
+    tensors = {"a.weight": torch.randn(3, 4).to(torch.bfloat16), "b.bias": torch.randn(5)}
+    save_file(tensors, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    loaded = load_wan_dit_safetensors(str(tmp_path))
+    assert loaded["a.weight"].dtype == jnp.bfloat16 and loaded["a.weight"].shape == (3, 4)
+    np.testing.assert_array_equal(loaded["a.weight"].astype(np.float32), tensors["a.weight"].float().numpy())
+    np.testing.assert_array_equal(loaded["b.bias"], tensors["b.bias"].numpy())

@@ -13,9 +13,12 @@ import json
 import os
 from typing import Any, Callable
 
+import flax
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from sora_jax.models.dit import DiTConfig
+from sora_jax.models.dit import DiT, DiTConfig
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -61,12 +64,6 @@ def _top_rows() -> list[tuple[tuple[str, ...], str, Transform]]:
 
 def _expected_shapes(cfg: DiTConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Flat {path: shape} of DiT(cfg) params, from an allocation-free abstract init."""
-    import flax
-    import jax
-    import jax.numpy as jnp
-
-    from sora_jax.models.dit import DiT
-
     pt, ph, pw = cfg.patch_size
     abstract = jax.eval_shape(
         DiT(cfg).init,
@@ -80,9 +77,7 @@ def _expected_shapes(cfg: DiTConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
 
 
 def convert_wan_dit_state_dict(state_dict: dict[str, np.ndarray], cfg: DiTConfig) -> dict[str, Any]:
-    """diffusers WanTransformer3DModel state dict -> DiT params tree (numpy, `param_dtype`; pass as {'params': ...})."""
-    import flax
-
+    """diffusers WanTransformer3DModel state dict -> DiT params tree (numpy; apply with {'params': tree})."""
     dtype = np.dtype(cfg.param_dtype)
     expected = _expected_shapes(cfg)
     used: set[str] = set()
@@ -127,7 +122,7 @@ def convert_wan_dit_state_dict(state_dict: dict[str, np.ndarray], cfg: DiTConfig
 
 
 def load_wan_dit_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Read a diffusers Wan DiT checkpoint (one .safetensors file, or a folder of shards) as numpy arrays."""
+    """Read a diffusers Wan DiT checkpoint (file or folder of shards) as numpy arrays."""
     from safetensors import safe_open
 
     if os.path.isdir(path):

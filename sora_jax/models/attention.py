@@ -56,7 +56,7 @@ def attention(
     *,
     backend: str = "xla",
 ) -> jax.Array:
-    """Softmax attention: q [batch, q_len, heads, head_dim], k/v [batch, kv_len, heads, head_dim], mask [batch, kv_len] (True = attend)."""
+    """Attention of q [b, q_len, heads, d] over k/v [b, kv_len, heads, d]; mask [b, kv_len], True = keep."""
     fn = _BACKENDS.get(backend)
     if fn is None:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {sorted(_BACKENDS)}")

@@ -85,7 +85,7 @@ def dit_config(variant: str, **overrides: Any) -> DiTConfig:
 
 
 def validate_latent_grid(cfg: DiTConfig, shape: Sequence[int]) -> tuple[int, int, int]:
-    """Check latents [batch, T, H, W, C] (or a (T, H, W) grid) against the patch size; return the token grid."""
+    """Check latents [B, T, H, W, C] (or a (T, H, W) grid) against the patch; return the token grid."""
     if len(shape) == 5:
         grid = tuple(int(s) for s in shape[1:4])
         if shape[-1] != cfg.in_channels:
@@ -255,7 +255,7 @@ class DiT(nn.Module):
         text: jax.Array,
         text_mask: jax.Array | None = None,
     ) -> jax.Array:
-        """latents [B,T,H,W,C], timesteps [B] in [0, 1000], text [B,L,text_dim], text_mask [B,L] -> [B,T,H,W,out] float32."""
+        """latents [B,T,H,W,C], timesteps [B] in [0,1000], text [B,L,D], mask [B,L] -> [B,T,H,W,out] f32."""
         cfg, dim = self.cfg, self.cfg.hidden_size
         grid = validate_latent_grid(cfg, latents.shape)
         b = latents.shape[0]

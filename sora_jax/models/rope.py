@@ -58,7 +58,7 @@ def rope_freqs_3d(
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate interleaved channel pairs of x [batch, tokens, heads, head_dim] by cos/sin [tokens, head_dim]."""
+    """Rotate channel pairs (0,1), (2,3).. of x [batch, tokens, heads, head_dim] by cos/sin [tokens, hd]."""
     dtype = x.dtype
     x = x.astype(jnp.float32)
     x1, x2 = x[..., 0::2], x[..., 1::2]  # [batch, tokens, heads, head_dim/2]
