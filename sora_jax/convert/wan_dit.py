@@ -88,7 +88,7 @@ def convert_wan_dit_state_dict(state_dict: dict[str, np.ndarray], cfg: DiTConfig
         value = transform(np.asarray(state_dict[key]))
         if value.shape != shape:
             raise ValueError(
-                f"Wan DiT tensor {key!r} has shape {np.asarray(state_dict[key]).shape} -> {value.shape} after "
+                f"Wan DiT tensor {key!r} has shape {np.shape(state_dict[key])} -> {value.shape} after "
                 f"conversion, but the config expects {shape}; check the variant/config"
             )
         used.add(key)
