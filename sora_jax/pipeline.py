@@ -17,7 +17,8 @@ from sora_jax.diffusion.samplers import Conditioning, FlowSampler
 from sora_jax.models.dit import DiT, DiTConfig, validate_latent_grid
 from sora_jax.models.vae import CausalVAE, denormalize_latents, validate_video_shape
 from sora_jax.train import checkpoint
-from sora_jax.train.dit_trainer import DIT_CONFIG_FILE, RUN_FILE, dit_config_from_dict, null_text
+from sora_jax.train.dit_trainer import DIT_CONFIG_FILE, RUN_FILE, null_text
+from sora_jax.train.setup import dataclass_from_json, on_one_device
 from sora_jax.train.vae_trainer import load_vae
 
 
@@ -52,7 +53,7 @@ class TextToVideo:
         """Load a DiT run (and the VAE run it was trained on) from its work directory."""
         dit_workdir = Path(dit_workdir).absolute()
         run = checkpoint.read_json(dit_workdir / RUN_FILE)
-        dit_cfg = dit_config_from_dict(checkpoint.read_json(dit_workdir / DIT_CONFIG_FILE))
+        dit_cfg = dataclass_from_json(DiTConfig, checkpoint.read_json(dit_workdir / DIT_CONFIG_FILE))
         vae, vae_params = load_vae(run["vae_workdir"])
         text_encoder = load_text_encoder(run["text_encoder_dir"] or None, max_length=run["text_max_length"])
         model = DiT(dit_cfg)
@@ -62,9 +63,7 @@ class TextToVideo:
             jnp.zeros((1, run["text_max_length"], dit_cfg.text_dim)), jnp.ones((1, run["text_max_length"]), bool),
         )
         abstract = jax.eval_shape(lambda: nn.meta.unbox(model.init({"params": jax.random.key(0)}, *dummy)))
-        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), abstract)
-        params = checkpoint.restore_params(dit_workdir / "ckpt", abstract)
+        params = checkpoint.restore_params(dit_workdir / "ckpt", on_one_device(abstract))
         return cls(vae, vae_params, dit_cfg, params, text_encoder, run)
 
     def generate(

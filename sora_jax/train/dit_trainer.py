@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from sora_jax.convert.bert import load_text_encoder
 from sora_jax.diffusion import flow
@@ -20,7 +18,7 @@ from sora_jax.train import checkpoint
 from sora_jax.train.latent_cache import LatentCache, build_latent_cache, cache_key, make_cache_loader
 from sora_jax.train.loop import run_loop
 from sora_jax.train.metrics import MetricLogger
-from sora_jax.train.setup import mesh_and_rules, per_process_batch, to_python
+from sora_jax.train.setup import dataclass_to_json, mesh_and_rules, per_process_batch, to_python
 from sora_jax.train.state import TrainState, create_sharded_state, make_optimizer
 from sora_jax.train.vae_trainer import _dataset, load_vae
 
@@ -113,7 +111,7 @@ def train_dit(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                        worker_count=config.data.worker_count))
     if manager.latest_step() is not None:
         state = checkpoint.restore(manager, state, data_iter)
-    checkpoint.write_json_atomic(workdir / DIT_CONFIG_FILE, dit_config_to_dict(dit_cfg))
+    checkpoint.write_json_atomic(workdir / DIT_CONFIG_FILE, dataclass_to_json(dit_cfg))
     checkpoint.write_json_atomic(workdir / RUN_FILE, {
         "vae_workdir": str(Path(config.vae_workdir).absolute()),
         "text_encoder_dir": config.text.encoder_dir,
@@ -145,16 +143,3 @@ def train_dit(config: ml_collections.ConfigDict) -> dict[str, Any]:
     final = logger.history[-1] if logger.history else {}
     return {"step": int(state.step), "final": final, "history": logger.history,
             "num_captions": len(cache.captions)}
-
-
-def dit_config_to_dict(cfg: DiTConfig) -> dict:
-    """JSON-safe form of a DiTConfig."""
-    d = dataclasses.asdict(cfg)
-    return {k: (np.dtype(v).name if k in ("dtype", "param_dtype") else v) for k, v in d.items()}
-
-
-def dit_config_from_dict(d: dict) -> DiTConfig:
-    """Inverse of dit_config_to_dict."""
-    d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-    d["dtype"], d["param_dtype"] = jnp.dtype(d["dtype"]), jnp.dtype(d["param_dtype"])
-    return DiTConfig(**d)

@@ -30,6 +30,7 @@ def run_loop(
 ) -> TrainState:
     """Run steps until total_steps (or the wall-time budget), checkpointing along the way."""
     step = int(state.step)
+    saved_step = manager.latest_step()
     start = time.perf_counter()
     pending = None
     metrics = None
@@ -46,12 +47,14 @@ def run_loop(
             pending = (step, metrics)
         if ckpt_every and step % ckpt_every == 0:
             checkpoint.save(manager, state, data_iter)
+            saved_step = step
         if max_minutes and time.perf_counter() - start > 60.0 * max_minutes:
             break
     if pending is not None:
         logger.log(*pending)
     elif metrics is not None and (not logger.history or logger.history[-1]["step"] != step):
         logger.log(step, metrics)
-    checkpoint.save(manager, state, data_iter, force=True)
+    if saved_step != step:
+        checkpoint.save(manager, state, data_iter, force=True)
     manager.wait_until_finished()
     return state

@@ -6,7 +6,9 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh
 
 from sora_jax.parallel.mesh import make_mesh
@@ -48,3 +50,24 @@ def per_process_batch(global_batch: int, mesh: Mesh) -> int:
             f"(mesh data x fsdp); use a multiple of {shards}"
         )
     return global_batch // jax.process_count()
+
+
+def dataclass_to_json(cfg: Any) -> dict:
+    """JSON-safe dict of a frozen model dataclass (dtypes by name)."""
+    d = dataclasses.asdict(cfg)
+    return {k: (np.dtype(v).name if k in ("dtype", "param_dtype") else v) for k, v in d.items()}
+
+
+def dataclass_from_json(cls: type, d: dict) -> Any:
+    """Inverse of dataclass_to_json."""
+    d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+    for k in ("dtype", "param_dtype"):
+        if k in d:
+            d[k] = jnp.dtype(d[k])
+    return cls(**d)
+
+
+def on_one_device(abstract: Any) -> Any:
+    """Give abstract arrays a single-device sharding: the restore target for inference."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)

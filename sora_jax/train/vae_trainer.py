@@ -21,7 +21,14 @@ from sora_jax.parallel.mesh import batch_sharding, global_batch
 from sora_jax.train import checkpoint
 from sora_jax.train.loop import run_loop
 from sora_jax.train.metrics import MetricLogger
-from sora_jax.train.setup import dataclass_from, mesh_and_rules, per_process_batch
+from sora_jax.train.setup import (
+    dataclass_from,
+    dataclass_from_json,
+    dataclass_to_json,
+    mesh_and_rules,
+    on_one_device,
+    per_process_batch,
+)
 from sora_jax.train.state import TrainState, create_sharded_state, make_optimizer
 
 VAE_CONFIG_FILE = "vae_config.json"
@@ -35,9 +42,10 @@ def vae_config_from(config: ml_collections.ConfigDict) -> VAEConfig:
 def make_vae_step(model: CausalVAE, loss_cfg: ml_collections.ConfigDict):
     """The (state, batch, rng) -> (state, metrics) function of one VAE update."""
     l1_w, l2_w, kl_w = float(loss_cfg.l1), float(loss_cfg.l2), float(loss_cfg.kl)
+    sample = bool(loss_cfg.sample_posterior)
 
     def loss_fn(params, video, rng):
-        recon, mean, logvar = model.apply(params, video, sample_rng=rng)
+        recon, mean, logvar = model.apply(params, video, sample_rng=rng if sample else None)
         err = recon.astype(jnp.float32) - video
         l1 = jnp.abs(err).mean()
         l2 = jnp.square(err).mean()
@@ -87,7 +95,7 @@ def train_vae(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if manager.latest_step() is not None:
         state = checkpoint.restore(manager, state, data_iter)
     # The model dataclass travels with the checkpoint so inference needs no training config.
-    checkpoint.write_json_atomic(workdir / VAE_CONFIG_FILE, _config_dict(vae_cfg))
+    checkpoint.write_json_atomic(workdir / VAE_CONFIG_FILE, dataclass_to_json(vae_cfg))
 
     video_sharding = batch_sharding(mesh, 5)
     step_fn = jax.jit(
@@ -110,31 +118,21 @@ def train_vae(config: ml_collections.ConfigDict) -> dict[str, Any]:
     # Latent statistics make DiT inputs unit-scale; they are part of the VAE's config.
     stats = latent_statistics(model, state.eval_params, sources["train"], config.eval.num_clips)
     vae_cfg = dataclasses.replace(vae_cfg, latents_mean=stats[0], latents_std=stats[1])
-    checkpoint.write_json_atomic(workdir / VAE_CONFIG_FILE, _config_dict(vae_cfg))
+    checkpoint.write_json_atomic(workdir / VAE_CONFIG_FILE, dataclass_to_json(vae_cfg))
     eval_psnr = evaluate_vae(model, state.eval_params, sources["test"], config.eval.num_clips)
     logger.close()
     manager.close()
     final = logger.history[-1] if logger.history else {}
-    return {"step": int(state.step), "final": final, "history": logger.history, "psnr": eval_psnr}
+    return {"step": int(state.step), "final": final, "history": logger.history, "psnr": eval_psnr,
+            "corrupt_records_skipped": loader.stats.corrupt}
 
 
-def _config_dict(cfg: VAEConfig) -> dict:
-    d = dataclasses.asdict(cfg)
-    return {k: (np.dtype(v).name if k in ("dtype", "param_dtype") else v) for k, v in d.items()}
-
-
-def load_vae(workdir: str | Path, *, mesh=None, rules=()) -> tuple[CausalVAE, Any]:
+def load_vae(workdir: str | Path) -> tuple[CausalVAE, Any]:
     """Load a trained VAE (config + EMA-or-raw params) from a run directory."""
     workdir = Path(workdir).absolute()
-    d = checkpoint.read_json(workdir / VAE_CONFIG_FILE)
-    d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-    d["dtype"], d["param_dtype"] = jnp.dtype(d["dtype"]), jnp.dtype(d["param_dtype"])
-    model = CausalVAE(VAEConfig(**d))
+    model = CausalVAE(dataclass_from_json(VAEConfig, checkpoint.read_json(workdir / VAE_CONFIG_FILE)))
     abstract = jax.eval_shape(lambda: nn.meta.unbox(init_vae_variables(model.cfg, jax.random.key(0))))
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
-    params = checkpoint.restore_params(workdir / "ckpt", abstract)
-    return model, params
+    return model, checkpoint.restore_params(workdir / "ckpt", on_one_device(abstract))
 
 
 @functools.partial(jax.jit, static_argnums=0)
