@@ -83,3 +83,21 @@ def test_sample_writes_mp4_and_gif(capsys, tiny_runs, tmp_path):
 def test_unknown_flags(capsys, argv):
     code = main(argv)
     assert code == 2
+
+
+def test_tile_videos_and_gif_round_trip(tmp_path):
+    from PIL import Image
+
+    from sora_jax.data.video import tile_videos, write_gif
+
+    a = np.zeros((3, 8, 8, 3), np.uint8) + np.arange(3, dtype=np.uint8)[:, None, None, None] * 40
+    b = np.full((3, 8, 8, 3), 200, np.uint8)
+    tiled = tile_videos([a, b], gap=2)
+    assert tiled.shape == (3, 8, 18, 3)
+    assert tiled[:, :, 10:].min() == 200 and tiled[:, :, 8:10].max() == 0
+    np.testing.assert_array_equal(tiled[:, :, :8], a)
+    path = write_gif(tmp_path / "t.gif", tiled, scale=2)
+    with Image.open(path) as im:
+        assert im.n_frames == 3 and im.size == (36, 16)
+    with pytest.raises(ValueError, match="share one shape"):
+        tile_videos([a, b[:2]])

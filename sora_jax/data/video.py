@@ -56,3 +56,14 @@ def read_video(path: str | Path) -> np.ndarray:
     """Decode every frame of a video file to uint8 [T, H, W, 3]."""
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def tile_videos(videos: list[np.ndarray], gap: int = 2) -> np.ndarray:
+    """Place equal-length uint8 videos side by side, separated by `gap` black columns."""
+    frames = [to_uint8(v) for v in videos]
+    if len({v.shape for v in frames}) != 1:
+        raise ValueError(f"videos must share one shape to tile, got {sorted({v.shape for v in frames})}")
+    t, h, _, c = frames[0].shape
+    spacer = np.zeros((t, h, gap, c), np.uint8)
+    parts = [p for v in frames for p in (v, spacer)][:-1]
+    return np.concatenate(parts, axis=2)
