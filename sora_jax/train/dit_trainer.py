@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -16,8 +15,7 @@ from sora_jax.models.dit import DiT, DiTConfig, dit_config, validate_latent_grid
 from sora_jax.parallel.mesh import batch_sharding, global_batch
 from sora_jax.train import checkpoint
 from sora_jax.train.latent_cache import LatentCache, build_latent_cache, cache_key, make_cache_loader
-from sora_jax.train.loop import run_loop
-from sora_jax.train.metrics import MetricLogger
+from sora_jax.train.loop import train_sharded
 from sora_jax.train.setup import dataclass_to_json, mesh_and_rules, per_process_batch, to_python
 from sora_jax.train.state import TrainState, create_sharded_state, make_optimizer
 from sora_jax.train.vae_trainer import _dataset, load_vae
@@ -121,24 +119,12 @@ def train_dit(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "video": {"frames": config.data.frames, "size": config.data.size},
     })
 
-    batch_sh = {k: batch_sharding(mesh, n) for k, n in (("latents", 5), ("text", 3), ("text_mask", 2))}
-    step_fn = jax.jit(
-        make_dit_step(model, config.diffusion),
-        in_shardings=(shardings, batch_sh, None),
-        out_shardings=(shardings, None),
-        donate_argnums=0,
+    state, logger = train_sharded(
+        step=make_dit_step(model, config.diffusion), state=state, state_shardings=shardings,
+        batch_shardings={k: batch_sharding(mesh, n) for k, n in (("latents", 5), ("text", 3), ("text_mask", 2))},
+        mesh=mesh, rules=rules, data_iter=data_iter, to_device=lambda b: global_batch(mesh, b),
+        train_cfg=config.train, manager=manager, logdir=workdir / "tb", rng=train_rng, desc="train-dit",
     )
-    logger = MetricLogger(workdir / "tb", config.train.steps, int(state.step), desc="train-dit",
-                          progress=config.train.progress)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = run_loop(
-            state=state, step_fn=step_fn, data_iter=data_iter,
-            to_device=lambda b: global_batch(mesh, b),
-            total_steps=config.train.steps, manager=manager, logger=logger, rng=train_rng,
-            log_every=config.train.log_every, ckpt_every=config.train.ckpt_every,
-            max_minutes=config.train.max_minutes,
-        )
-    logger.close()
     manager.close()
     final = logger.history[-1] if logger.history else {}
     return {"step": int(state.step), "final": final, "history": logger.history,

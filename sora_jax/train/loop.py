@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
@@ -58,3 +59,37 @@ def run_loop(
         checkpoint.save(manager, state, data_iter, force=True)
     manager.wait_until_finished()
     return state
+
+
+def train_sharded(
+    *,
+    step: Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict]],
+    state: TrainState,
+    state_shardings: Any,
+    batch_shardings: Any,
+    mesh,
+    rules,
+    data_iter: Iterator,
+    to_device: Callable[[Any], Any],
+    train_cfg,
+    manager: ocp.CheckpointManager,
+    logdir,
+    rng: jax.Array,
+    desc: str,
+) -> tuple[TrainState, MetricLogger]:
+    """Jit `step` with the state's shardings (donating it) and run it under the mesh and rules."""
+    step_fn = jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_shardings, None),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    )
+    logger = MetricLogger(logdir, train_cfg.steps, int(state.step), desc=desc, progress=train_cfg.progress)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state = run_loop(
+            state=state, step_fn=step_fn, data_iter=data_iter, to_device=to_device,
+            total_steps=train_cfg.steps, manager=manager, logger=logger, rng=rng,
+            log_every=train_cfg.log_every, ckpt_every=train_cfg.ckpt_every, max_minutes=train_cfg.max_minutes,
+        )
+    logger.close()
+    return state, logger

@@ -19,8 +19,7 @@ from sora_jax.eval.video import psnr
 from sora_jax.models.vae import CausalVAE, VAEConfig, init_vae_variables, kl_divergence, validate_video_shape
 from sora_jax.parallel.mesh import batch_sharding, global_batch
 from sora_jax.train import checkpoint
-from sora_jax.train.loop import run_loop
-from sora_jax.train.metrics import MetricLogger
+from sora_jax.train.loop import train_sharded
 from sora_jax.train.setup import (
     dataclass_from,
     dataclass_from_json,
@@ -97,30 +96,18 @@ def train_vae(config: ml_collections.ConfigDict) -> dict[str, Any]:
     # The model dataclass travels with the checkpoint so inference needs no training config.
     checkpoint.write_json_atomic(workdir / VAE_CONFIG_FILE, dataclass_to_json(vae_cfg))
 
-    video_sharding = batch_sharding(mesh, 5)
-    step_fn = jax.jit(
-        make_vae_step(model, config.loss),
-        in_shardings=(shardings, {"video": video_sharding}, None),
-        out_shardings=(shardings, None),
-        donate_argnums=0,
+    state, logger = train_sharded(
+        step=make_vae_step(model, config.loss), state=state, state_shardings=shardings,
+        batch_shardings={"video": batch_sharding(mesh, 5)}, mesh=mesh, rules=rules, data_iter=data_iter,
+        to_device=lambda b: global_batch(mesh, {"video": b["video"]}), train_cfg=config.train,
+        manager=manager, logdir=workdir / "tb", rng=train_rng, desc="train-vae",
     )
-    logger = MetricLogger(workdir / "tb", config.train.steps, int(state.step), desc="train-vae",
-                          progress=config.train.progress)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = run_loop(
-            state=state, step_fn=step_fn, data_iter=data_iter,
-            to_device=lambda b: global_batch(mesh, {"video": b["video"]}),
-            total_steps=config.train.steps, manager=manager, logger=logger, rng=train_rng,
-            log_every=config.train.log_every, ckpt_every=config.train.ckpt_every,
-            max_minutes=config.train.max_minutes,
-        )
     # Evaluation runs outside the mesh context: small odd-sized batches need no batch sharding.
     # Latent statistics make DiT inputs unit-scale; they are part of the VAE's config.
     stats = latent_statistics(model, state.eval_params, sources["train"], config.eval.num_clips)
     vae_cfg = dataclasses.replace(vae_cfg, latents_mean=stats[0], latents_std=stats[1])
     checkpoint.write_json_atomic(workdir / VAE_CONFIG_FILE, dataclass_to_json(vae_cfg))
     eval_psnr = evaluate_vae(model, state.eval_params, sources["test"], config.eval.num_clips)
-    logger.close()
     manager.close()
     final = logger.history[-1] if logger.history else {}
     return {"step": int(state.step), "final": final, "history": logger.history, "psnr": eval_psnr,
