@@ -77,10 +77,10 @@ def _train(a, extra) -> None:
 def _sample(a) -> None:
     from sora_jax.data.video import write_gif, write_mp4
     from sora_jax.diffusion.samplers import FlowSampler
+    from sora_jax.models.text.encoder import check_prompts
     from sora_jax.pipeline import TextToVideo
 
-    if any(not p.strip() for p in a.prompt):
-        raise ValueError('empty prompt: pass a non-empty text prompt (e.g. --prompt "two balls, red and blue")')
+    check_prompts(a.prompt)  # fail before the (slow) model load
     t2v = TextToVideo.load(a.workdir)
     s = dict(t2v.defaults["sample"])
     sampler = FlowSampler(num_steps=a.steps or s["steps"], guidance=s["guidance"] if a.guidance is None else a.guidance,

@@ -17,9 +17,10 @@ from configs import vae as vae_configs
 from sora_jax.data.physics import parse_caption
 from sora_jax.data.video import to_uint8, write_gif, write_mp4
 from sora_jax.eval.physics import physics_check
+from sora_jax.models.text.encoder import check_prompts
 from sora_jax.pipeline import TextToVideo
 from sora_jax.train.dit_trainer import train_dit
-from sora_jax.train.vae_trainer import _dataset, train_vae
+from sora_jax.train.vae_trainer import physics_sources, train_vae
 
 # Share of the wall-time budget given to each training stage; the rest is data, compiles,
 # latent caching and sampling. The VAE gets the most: on CPU its convs dominate the cost.
@@ -77,11 +78,9 @@ def run_demo(
     timings = {}
 
     t = time.perf_counter()
-    sources = _dataset(vae_cfg)
+    sources = physics_sources(vae_cfg)
     timings["data_s"] = time.perf_counter() - t
-    prompts = list(prompts) if prompts else default_prompts(sources["test"])
-    if any(not p or not p.strip() for p in prompts):
-        raise ValueError('empty prompt: pass a non-empty text prompt (e.g. --prompt "two balls, red and blue")')
+    prompts = check_prompts(prompts) if prompts is not None else default_prompts(sources["test"])
 
     t = time.perf_counter()
     vae_out = train_vae(vae_cfg)

@@ -14,6 +14,7 @@ import numpy as np
 
 from sora_jax.convert.bert import load_text_encoder
 from sora_jax.diffusion.samplers import Conditioning, FlowSampler
+from sora_jax.models.text.encoder import check_prompts
 from sora_jax.models.dit import DiT, DiTConfig, validate_latent_grid
 from sora_jax.models.vae import CausalVAE, denormalize_latents, validate_video_shape
 from sora_jax.train import checkpoint
@@ -76,9 +77,7 @@ class TextToVideo:
         sampler: FlowSampler | None = None,
     ) -> np.ndarray:
         """Sample one video per prompt; returns float videos in [-1, 1], [B, T, H, W, 3]."""
-        prompts = list(prompts)
-        if not prompts or any(not p or not p.strip() for p in prompts):
-            raise ValueError('empty prompt: pass a non-empty text prompt (e.g. --prompt "two balls, red and blue")')
+        prompts = check_prompts(prompts)
         frames = frames or self.defaults["video"]["frames"]
         size = size or self.defaults["video"]["size"]
         height, width = (size, size) if isinstance(size, int) else size

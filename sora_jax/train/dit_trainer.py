@@ -18,7 +18,7 @@ from sora_jax.train.latent_cache import LatentCache, build_latent_cache, cache_k
 from sora_jax.train.loop import train_sharded
 from sora_jax.train.setup import dataclass_to_json, mesh_and_rules, per_process_batch, to_python
 from sora_jax.train.state import TrainState, create_sharded_state, make_optimizer
-from sora_jax.train.vae_trainer import _dataset, load_vae
+from sora_jax.train.vae_trainer import physics_sources, load_vae
 
 DIT_CONFIG_FILE = "dit_config.json"
 RUN_FILE = "run.json"
@@ -65,7 +65,7 @@ def dit_config_from(config: ml_collections.ConfigDict, *, channels: int, text_di
 
 
 def _latent_cache(config, workdir: Path, vae, vae_params, text_encoder) -> LatentCache:
-    sources = _dataset(config)
+    sources = physics_sources(config)
     d = config.data
     key = cache_key(d.size, d.frames, d.num_train, d.seed, str(Path(config.vae_workdir).absolute()),
                     (Path(config.vae_workdir).absolute() / "vae_config.json").read_text(),

@@ -10,6 +10,7 @@ import grain
 import jax
 import numpy as np
 
+from sora_jax.data.pipeline import numpy_batch
 from sora_jax.models.vae import CausalVAE, normalize_latents
 
 
@@ -54,11 +55,10 @@ def build_latent_cache(source, vae: CausalVAE, vae_params, text_encoder, *, batc
     encode = jax.jit(lambda p, v: vae.apply(p, v, method=CausalVAE.encode)[0])
     latents, captions = [], []
     for start in range(0, len(source), batch):
-        items = [source[i] for i in range(start, min(start + batch, len(source)))]
-        video = np.stack([np.asarray(it["video"]) for it in items]).astype(np.float32) / 127.5 - 1.0
-        z = encode(vae_params, video)
+        items = numpy_batch(source, range(start, min(start + batch, len(source))))
+        z = encode(vae_params, items["video"])
         latents.append(np.asarray(normalize_latents(z, vae.cfg), np.float32))
-        captions += [_as_str(it["caption"]) for it in items]
+        captions += [str(c) for c in items["caption"]]
     unique = sorted(set(captions))
     row = {c: i for i, c in enumerate(unique)}
     embs, masks = [], []
@@ -73,10 +73,6 @@ def build_latent_cache(source, vae: CausalVAE, vae_params, text_encoder, *, batc
         text_mask=np.concatenate(masks),
         captions=unique,
     )
-
-
-def _as_str(caption) -> str:
-    return caption.decode() if isinstance(caption, bytes) else str(caption)
 
 
 def make_cache_loader(cache: LatentCache, *, batch_size: int, seed: int, worker_count: int = 0) -> grain.DataLoader:

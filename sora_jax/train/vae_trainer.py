@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from sora_jax.data.physics_tfds import build_physics_dataset
-from sora_jax.data.pipeline import make_loader
+from sora_jax.data.pipeline import make_loader, numpy_batch
 from sora_jax.eval.video import psnr
 from sora_jax.models.vae import CausalVAE, VAEConfig, init_vae_variables, kl_divergence, validate_video_shape
 from sora_jax.parallel.mesh import batch_sharding, global_batch
@@ -60,7 +60,8 @@ def make_vae_step(model: CausalVAE, loss_cfg: ml_collections.ConfigDict):
     return step
 
 
-def _dataset(config: ml_collections.ConfigDict) -> dict:
+def physics_sources(config: ml_collections.ConfigDict) -> dict:
+    """The train/test data sources named by config.data (built on first use)."""
     d = config.data
     return build_physics_dataset(
         str(Path(d.dir).absolute()), size=d.size, frames=d.frames,
@@ -78,7 +79,7 @@ def train_vae(config: ml_collections.ConfigDict) -> dict[str, Any]:
     validate_video_shape(vae_cfg, config.data.frames, config.data.size, config.data.size)
     local_batch = per_process_batch(config.data.batch_size, mesh)
 
-    sources = _dataset(config)
+    sources = physics_sources(config)
     loader = make_loader(
         sources["train"], batch_size=local_batch, seed=config.seed, shuffle=True,
         worker_count=config.data.worker_count, frames=frames, crop=crop,
@@ -135,8 +136,7 @@ def _reconstruct(model: CausalVAE, params, video):
 
 
 def _clips(source, n: int) -> np.ndarray:
-    n = min(n, len(source))
-    return np.stack([np.asarray(source[i]["video"]) for i in range(n)]).astype(np.float32) / 127.5 - 1.0
+    return numpy_batch(source, range(min(n, len(source))))["video"]
 
 
 def latent_statistics(model: CausalVAE, params, source, num_clips: int) -> tuple[tuple, tuple]:

@@ -16,6 +16,16 @@ from sora_jax.models.text.tokenizer import TextTokenizer
 EMPTY_PROMPT_MESSAGE = 'empty prompt: pass a non-empty text prompt (e.g. --prompt "two balls, red and blue")'
 
 
+def check_prompts(prompts: Sequence[str] | str | None) -> list[str]:
+    """Return prompts as a list, raising the one-line empty-prompt error if any is blank."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts or [])
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise ValueError(EMPTY_PROMPT_MESSAGE)
+    return prompts
+
+
 @dataclasses.dataclass
 class TextEncoder:
     """Frozen BERT text encoder: prompts -> (embeddings [B, L, hidden] f32, mask [B, L] bool)."""
@@ -48,12 +58,7 @@ class TextEncoder:
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Validate prompts and return `(ids, mask)` int32 `[batch, max_length]`."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-            raise ValueError(EMPTY_PROMPT_MESSAGE)
-        return self.tokenizer(prompts)
+        return self.tokenizer(check_prompts(prompts))
 
     def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         """Encode prompts to `(emb float32 [B, max_length, hidden], mask bool [B, max_length])`."""
