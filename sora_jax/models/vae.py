@@ -1,8 +1,9 @@
 """Causal 3D VAE: video [B, T, H, W, 3] in [-1, 1] <-> latent [B, 1+(T-1)/4, H/8, W/8, z_dim].
 
 `VAEConfig.wan21()` is exactly diffusers' `AutoencoderKLWan` (Wan2.1); smaller configs of the same
-code train from scratch. The whole clip is processed in one pass (no Python loop over chunks) with
-the same outputs as diffusers' chunked, feature-cached path; see `vae_blocks` for how.
+code train from scratch. `encode`/`decode` process the whole clip in one pass with the same outputs
+as diffusers' chunked, feature-cached path; `vae_codec` runs the same modules chunk by chunk (and
+tile by tile) when memory must not grow with the video.
 """
 
 from __future__ import annotations
@@ -166,6 +167,12 @@ def denormalize_latents(z: jax.Array, cfg: VAEConfig) -> jax.Array:
     return z * _stat(cfg.latents_std, z.dtype) + _stat(cfg.latents_mean, z.dtype)
 
 
+def split_moments(moments: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[..., 2z] encoder moments -> (mean, logvar) with logvar clipped to [-30, 20] as diffusers does."""
+    mean, logvar = jnp.split(moments, 2, axis=-1)
+    return mean, jnp.clip(logvar, -30.0, 20.0)
+
+
 def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:
     """KL(N(mean, exp(logvar)) || N(0, 1)) averaged over all non-batch elements: shape [batch]."""
     mean = mean.astype(jnp.float32)
@@ -250,10 +257,15 @@ class CausalVAE(nn.Module):
                 f"video must be [batch, frames, height, width, 3]; got shape {tuple(video.shape)}"
             )
         validate_video_shape(self.cfg, *video.shape[1:4])
+        return split_moments(self.encode_moments(video, deterministic))
+
+    def encode_moments(self, video: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Unchecked encoder + quant_conv: [B, T, H, W, 3] -> float32 [B, t, h, w, 2z] (mean | logvar).
+
+        Also the per-chunk call of the streaming codec, where T is 1 or `temporal_factor`.
+        """
         x = nn.with_logical_constraint(video, ("batch", None, None, None, None))
-        h = self.quant_conv(self.encoder(x, deterministic)).astype(jnp.float32)
-        mean, logvar = jnp.split(h, 2, axis=-1)
-        return mean, jnp.clip(logvar, -30.0, 20.0)
+        return self.quant_conv(self.encoder(x, deterministic)).astype(jnp.float32)
 
     def decode(self, z: jax.Array, deterministic: bool = True) -> jax.Array:
         """latent [B, t, h, w, z_dim] -> video [B, 1+4(t-1), 8h, 8w, 3] clamped to [-1, 1], float32."""
@@ -261,9 +273,12 @@ class CausalVAE(nn.Module):
             raise ValueError(
                 f"latent must be [batch, frames, height, width, {self.cfg.z_dim}]; got shape {tuple(z.shape)}"
             )
+        return jnp.clip(self.decode_unclamped(z, deterministic), -1.0, 1.0)
+
+    def decode_unclamped(self, z: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Unchecked post_quant_conv + decoder, float32 and not clamped (tiles blend before clamping)."""
         z = nn.with_logical_constraint(z, ("batch", None, None, None, None))
-        out = self.decoder(self.post_quant_conv(z), deterministic)
-        return jnp.clip(out.astype(jnp.float32), -1.0, 1.0)
+        return self.decoder(self.post_quant_conv(z), deterministic).astype(jnp.float32)
 
     def __call__(
         self, video: jax.Array, sample_rng: jax.Array | None = None, deterministic: bool = True

@@ -1,11 +1,17 @@
 """Building blocks of the causal 3D VAE (Wan2.1 `AutoencoderKLWan` layout, channels-last).
 
-Every block processes a whole clip `[batch, frames, height, width, channels]` at once. diffusers
-runs the same network chunk by chunk (encoder: frame 0, then 4 frames at a time; decoder: one latent
-frame at a time) with feature caches; the blocks here are the unchunked equivalent: a causal conv
-zero-pads 2 frames on the past side, and the temporal resamplers treat frame 0 specially exactly
-as the first chunk does. Module names mirror diffusers (`resnets_0` <-> `resnets.0`) so converting
-a safetensors checkpoint is a mechanical rename.
+Two modes, same weights, same numbers:
+- whole clip (default): every block sees `[batch, frames, height, width, channels]` at once; a causal
+  conv zero-pads 2 frames on the past side and the temporal resamplers treat frame 0 the way the
+  first chunk is treated;
+- streaming: when the caller makes the `cache` collection mutable (see `models/vae_codec.py`), every
+  causal conv keeps the last frames of its input in `cache` and the temporal resamplers keep theirs,
+  so a clip can be fed chunk by chunk (encoder: frame 0, then 4 frames; decoder: one latent frame at
+  a time), as diffusers does with its feature caches, in memory that does not grow with length.
+The first chunk is the call that finds no cache yet.
+
+Module names mirror diffusers (`resnets_0` <-> `resnets.0`) so converting a safetensors checkpoint
+is a mechanical rename.
 """
 
 from __future__ import annotations
@@ -37,6 +43,11 @@ def _kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.floa
     rbg_key = jax.random.wrap_key_data(words, impl="rbg")
     bound = 1.0 / math.sqrt(math.prod(shape[:-1]))
     return jax.random.uniform(rbg_key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+def streaming(module: nn.Module) -> bool:
+    """True when the caller feeds chunks and carries the `cache` collection between them."""
+    return module.is_mutable_collection("cache") and not module.is_initializing()
 
 
 def _conv_param_names(ndim_spatial: int) -> tuple[str, ...]:
@@ -73,6 +84,14 @@ class Conv(nn.Module):
             (self.features,),
             self.param_dtype,
         )
+        padding = tuple(self.padding or ((0, 0),) * nd)
+        if nd == 3 and padding[0][0] > 0 and streaming(self):
+            # The past-side zero padding becomes the previous chunk's last input frames.
+            past = padding[0][0]
+            cache = self.variable("cache", "past", jnp.zeros, (x.shape[0], past, *x.shape[2:]), x.dtype)
+            x = jnp.concatenate([cache.value, x.astype(cache.value.dtype)], axis=1)
+            cache.value = x[:, -past:]
+            padding = ((0, padding[0][1]), *padding[1:])
         batch_shape = x.shape[: x.ndim - nd - 1]
         x = x.reshape((-1, *x.shape[x.ndim - nd - 1 :]))
         spatial = "DHW"[3 - nd :]
@@ -80,7 +99,7 @@ class Conv(nn.Module):
             x.astype(self.dtype),
             kernel.astype(self.dtype),
             window_strides=tuple(self.strides or (1,) * nd),
-            padding=tuple(self.padding or ((0, 0),) * nd),
+            padding=padding,
             dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
         )
         y = y + bias.astype(self.dtype)
@@ -215,6 +234,14 @@ class Resample(nn.Module):
         # stride-2 kernel-3 conv over [last cached frame, new chunk]; over the whole clip that is
         # frame 0 followed by a valid strided conv starting at frame 0.
         conv = causal_conv3d(self.dim, (3, 1, 1), 0, (2, 1, 1), name="time_conv", **kw)
+        if streaming(self):
+            if not self.has_variable("cache", "time_past"):
+                self.variable("cache", "time_past", lambda: x[:, -1:])
+                return x
+            cache = self.variable("cache", "time_past")
+            y = conv(jnp.concatenate([cache.value, x], axis=1))
+            cache.value = x[:, -1:]
+            return y
         if x.shape[1] < 3:
             if self.is_initializing():
                 conv(jnp.zeros((*x.shape[:1], 3, *x.shape[2:]), x.dtype))
@@ -226,14 +253,29 @@ class Resample(nn.Module):
         # later frames go through a causal conv whose past starts with zeros, not with frame 0,
         # and each yields two output frames (channel halves) that are interleaved in time.
         b, t, hh, ww, c = x.shape
+        if streaming(self):
+            if not self.has_variable("cache", "time_past"):
+                self.variable("cache", "time_past", jnp.zeros, (b, 2, hh, ww, c), x.dtype)
+                return x
+            cache = self.variable("cache", "time_past")
+            x = jnp.concatenate([cache.value, x], axis=1)
+            cache.value = x[:, -2:]
+            y = Conv(2 * c, (3, 1, 1), name="time_conv", **kw)(x)  # past already prepended
+            return _interleave_halves(y).astype(x.dtype)
         conv = causal_conv3d(2 * c, (3, 1, 1), (1, 0, 0), name="time_conv", **kw)
         if t == 1:
             if self.is_initializing():
                 conv(x)
             return x
-        y = conv(x[:, 1:])  # [B, t-1, H, W, 2C]
-        y = y.reshape(b, t - 1, hh, ww, 2, c).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * (t - 1), hh, ww, c)
+        y = _interleave_halves(conv(x[:, 1:]))
         return jnp.concatenate([x[:, :1], y.astype(x.dtype)], axis=1)
+
+
+def _interleave_halves(y: jax.Array) -> jax.Array:
+    """[B, t, H, W, 2C] -> [B, 2t, H, W, C]: channel half k of frame i becomes frame 2i+k."""
+    b, t, hh, ww, c2 = y.shape
+    y = y.reshape(b, t, hh, ww, 2, c2 // 2).transpose(0, 1, 4, 2, 3, 5)  # [B, t, 2, H, W, C]
+    return y.reshape(b, 2 * t, hh, ww, c2 // 2)
 
 
 class MidBlock(nn.Module):
