@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 # Errors a user can fix from the command line; anything else is a bug and keeps its traceback.
-_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +36,26 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--solver", choices=("euler", "heun"))
     s.add_argument("--frames", type=int)
     s.add_argument("--size", type=int)
+
+    c = sub.add_parser("convert", help="convert diffusers Wan2.1 weights (safetensors) to our checkpoint folders")
+    csub = c.add_subparsers(dest="kind", required=True)
+    for kind, what in (("wan-vae", "AutoencoderKLWan"), ("wan-dit", "WanTransformer3DModel")):
+        k = csub.add_parser(kind, help=f"diffusers {what} folder -> Orbax checkpoint + config")
+        k.add_argument("src", help=f"diffusers {what} folder (config.json + *.safetensors or a sharded index)")
+        k.add_argument("dst", help="output folder (must be new or empty unless --overwrite)")
+        k.add_argument("--overwrite", action="store_true", help="replace an existing DST (swapped in atomically)")
+        if kind == "wan-dit":
+            k.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="stored parameter dtype")
+
+    v = sub.add_parser("vae-stats", help="per-channel latent mean/std of a VAE over a dataset, stored in its config")
+    v.add_argument("--workdir", default="runs/vae", help="VAE run or converted folder (vae_config.json + ckpt/)")
+    v.add_argument("--data-dir", default="data", help="physics_balls dataset folder (built if missing)")
+    v.add_argument("--size", type=int, default=64)
+    v.add_argument("--frames", type=int, default=17)
+    v.add_argument("--num-train", type=int, default=512, help="dataset size (names the dataset config)")
+    v.add_argument("--num-clips", type=int, default=64, help="clips to average over")
+    v.add_argument("--batch-size", type=int, default=4)
+    v.add_argument("--seed", type=int, default=0)
 
     b = sub.add_parser("data", help="build the physics_balls dataset (TFDS array_record)")
     b.add_argument("--dir", default="data")
@@ -91,6 +111,30 @@ def _sample(a) -> None:
         print(write_gif(Path(a.out) / f"sample_{i}.gif", video, fps=s["fps"], scale=2))
 
 
+def _convert(a) -> None:
+    from sora_jax.convert.folders import convert_wan_dit, convert_wan_vae
+
+    if a.kind == "wan-vae":
+        out = convert_wan_vae(a.src, a.dst, overwrite=a.overwrite)
+    else:
+        out = convert_wan_dit(a.src, a.dst, dtype=a.dtype, overwrite=a.overwrite)
+    print(f"converted {out['params']:,} parameters from {a.src} into {out['dst']}")
+
+
+def _vae_stats(a) -> None:
+    from sora_jax.data.physics_tfds import build_physics_dataset
+    from sora_jax.train.vae_stats import physics_clips, update_vae_stats
+
+    if a.num_clips < 1 or a.batch_size < 1:
+        raise ValueError("--num-clips and --batch-size must be at least 1")
+    sources = build_physics_dataset(str(Path(a.data_dir).absolute()), size=a.size, frames=a.frames,
+                                    num_train=a.num_train, num_test=32, seed=a.seed)
+    cfg, stats = update_vae_stats(a.workdir, physics_clips(sources["train"], a.num_clips, a.batch_size))
+    print(f"latent statistics over {stats['positions']:,} latent positions written to {a.workdir}/vae_config.json")
+    print("mean", " ".join(f"{v:.4f}" for v in cfg.latents_mean))
+    print("std ", " ".join(f"{v:.4f}" for v in cfg.latents_std))
+
+
 def _data(a) -> None:
     from sora_jax.data.physics_tfds import build_physics_dataset
 
@@ -112,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             _train(args, extra)
         elif args.command == "sample":
             _sample(args)
+        elif args.command == "convert":
+            _convert(args)
+        elif args.command == "vae-stats":
+            _vae_stats(args)
         else:
             _data(args)
     except _USER_ERRORS as e:

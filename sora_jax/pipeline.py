@@ -17,6 +17,7 @@ from sora_jax.diffusion.samplers import Conditioning, FlowSampler
 from sora_jax.models.text.encoder import check_prompts
 from sora_jax.models.dit import DiT, DiTConfig, validate_latent_grid
 from sora_jax.models.vae import CausalVAE, denormalize_latents, validate_video_shape
+from sora_jax.models.vae_codec import VideoCodec
 from sora_jax.train import checkpoint
 from sora_jax.train.dit_trainer import DIT_CONFIG_FILE, RUN_FILE, null_text
 from sora_jax.train.setup import dataclass_from_json, on_one_device
@@ -35,7 +36,8 @@ class DiTDenoiser:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _decode(vae: CausalVAE, params, z):
-    return vae.apply(params, denormalize_latents(z, vae.cfg), method=CausalVAE.decode)
+    # Chunked: decoder memory stays that of one latent frame, whatever the video length.
+    return VideoCodec(vae, chunked=True).decode_fn(params, denormalize_latents(z, vae.cfg))
 
 
 @dataclasses.dataclass

@@ -8,9 +8,6 @@ config or checkpoint fails loudly with the offending name.
 
 from __future__ import annotations
 
-import glob
-import json
-import os
 from typing import Any, Callable
 
 import flax
@@ -18,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sora_jax.convert.safetensors_io import read_safetensors
 from sora_jax.models.dit import DiT, DiTConfig
 
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -123,23 +121,19 @@ def convert_wan_dit_state_dict(state_dict: dict[str, np.ndarray], cfg: DiTConfig
 
 def load_wan_dit_safetensors(path: str) -> dict[str, np.ndarray]:
     """Read a diffusers Wan DiT checkpoint (file or folder of shards) as numpy arrays."""
-    from safetensors import safe_open
+    return read_safetensors(path)
 
-    if os.path.isdir(path):
-        index = os.path.join(path, "diffusion_pytorch_model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
-        else:
-            files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-        if not files:
-            raise ValueError(f"no .safetensors files in {path!r}")
-    else:
-        files = [path]
-    state: dict[str, np.ndarray] = {}
-    for file in files:
-        # framework="flax" because numpy has no bfloat16 of its own; jax arrays carry ml_dtypes bf16.
-        with safe_open(file, framework="flax") as f:
-            for key in f.keys():
-                state[key] = np.asarray(f.get_tensor(key))
-    return state
+
+def dit_config_from_diffusers(config: dict[str, Any], **overrides: Any) -> DiTConfig:
+    """DiTConfig from a WanTransformer3DModel `config.json` dict (Wan2.1 text-to-video layout)."""
+    if config.get("image_dim") or config.get("added_kv_proj_dim"):
+        raise ValueError("this WanTransformer3DModel has image conditioning (Wan I2V); only T2V is supported")
+    fields = ("num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
+              "ffn_dim", "num_layers", "patch_size", "freq_dim", "cross_attn_norm", "eps", "rope_max_seq_len")
+    missing = [f for f in fields[:7] if f not in config]
+    if missing:
+        raise ValueError(f"transformer config.json lacks {missing}; is it a WanTransformer3DModel config?")
+    kw = {f: config[f] for f in fields if f in config}
+    if config.get("qk_norm") not in (None, "rms_norm_across_heads"):
+        raise ValueError(f"qk_norm={config['qk_norm']!r} is not supported (Wan2.1 uses 'rms_norm_across_heads')")
+    return DiTConfig(**{**kw, **overrides})

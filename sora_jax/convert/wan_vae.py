@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from sora_jax.convert.safetensors_io import read_safetensors
 from sora_jax.models.vae import CausalVAE, VAEConfig
 
 
@@ -83,7 +84,5 @@ def convert_wan_vae_state_dict(
 
 
 def load_wan_vae_safetensors(path: str, cfg: VAEConfig | None = None, dtype: Any = None) -> dict[str, Any]:
-    """Read a Wan2.1 VAE `.safetensors` file (diffusers layout) into CausalVAE variables."""
-    from safetensors.numpy import load_file  # optional dependency, only needed here
-
-    return convert_wan_vae_state_dict(load_file(path), cfg or VAEConfig.wan21(), dtype)
+    """Read a Wan2.1 VAE safetensors file or folder (diffusers layout) into CausalVAE variables."""
+    return convert_wan_vae_state_dict(read_safetensors(path), cfg or VAEConfig.wan21(), dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -13,16 +14,27 @@ import orbax.checkpoint as ocp
 
 from sora_jax.train.state import TrainState
 
-_ARRAY_FIELDS = ("step", "params", "opt_state", "ema_params")
-
-
 class CheckpointError(FileNotFoundError):
     """No usable checkpoint where one was required."""
 
 
 def _arrays(state: TrainState) -> dict[str, Any]:
-    # Orbax stores pytrees of arrays; the optimiser object itself is rebuilt from config.
-    return {k: getattr(state, k) for k in _ARRAY_FIELDS if getattr(state, k) is not None}
+    # Orbax stores pytrees of arrays; the optimiser object itself is rebuilt from config. A train
+    # state nested in a subclass's field (a GAN's discriminator) becomes a nested dict of its own.
+    out = {}
+    for f in dataclasses.fields(state):
+        value = getattr(state, f.name)
+        if f.metadata.get("pytree_node", True) and value is not None:
+            out[f.name] = _arrays(value) if isinstance(value, TrainState) else value
+    return out
+
+
+def _replace(target: TrainState, arrays: dict[str, Any]) -> TrainState:
+    """Inverse of `_arrays`: put restored arrays into the (possibly nested) target state."""
+    return target.replace(**{
+        k: _replace(getattr(target, k), v) if isinstance(getattr(target, k), TrainState) else v
+        for k, v in arrays.items()
+    })
 
 
 def make_manager(directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
@@ -61,7 +73,18 @@ def restore(
     if data_iter is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
-    return target.replace(**restored["state"])
+    return _replace(target, restored["state"])
+
+
+def saved_state_keys(manager: ocp.CheckpointManager, step: int | None = None) -> frozenset[str]:
+    """Top-level entries of the train state saved at `step`/latest (e.g. to spot a "disc")."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint found in {manager.directory}")
+    # manager.item_metadata knows an item only once this manager has saved/restored it; reading the
+    # item's own metadata works for any checkpoint written by `save`.
+    meta = ocp.StandardCheckpointer().metadata(Path(manager.directory) / str(step) / "state")
+    return frozenset(meta.item_metadata.tree.keys())
 
 
 def restore_params(directory: str | os.PathLike, abstract_params: Any, *, use_ema: bool = True) -> Any:
@@ -92,6 +115,14 @@ def restore_params(directory: str | os.PathLike, abstract_params: Any, *, use_em
     )
     manager.close()
     return restored["state"][key]
+
+
+def save_params(directory: str | os.PathLike, params: Any, step: int = 0) -> None:
+    """Write inference-only params as a checkpoint that `restore_params` reads (synchronously)."""
+    manager = make_manager(directory, keep=1, async_save=False)
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"step": step, "params": params})))
+    manager.wait_until_finished()
+    manager.close()
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
