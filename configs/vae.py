@@ -41,6 +41,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # posterior noise at init the decoder first learns to ignore the latent, which costs
     # hundreds of steps a CPU demo does not have.
     c.loss = ml_collections.ConfigDict({"l1": 1.0, "l2": 1.0, "kl": 1e-6, "sample_posterior": True})
+    # Adversarial loss (hinge, 3D PatchGAN): the generator adds adv * -mean(D(recon)) from step
+    # adv_start on. A fixed weight, not VQGAN's adaptive one: that needs the gradient norms of
+    # both losses at the decoder's last layer, a second backward pass. 0 disables the
+    # discriminator entirely (no state, no checkpoint entry); values > 0 are untuned here. The
+    # warm-up (VQGAN's disc_start) lets L1/KL shape the decoder before a discriminator does.
+    c.loss.adv = 0.0
+    c.loss.adv_start = 300 if a.runlocal else 20_000
+    c.disc = ml_collections.ConfigDict(
+        dict(channels=32 if a.variant == "tiny" else 64, num_layers=3, max_mult=8, temporal_kernel=3, num_groups=8)
+    )
+    # GAN-style Adam moments (b1=0.5, b2=0.9 as in VQGAN); its own schedule, counted in its own
+    # updates (so its warmup starts at adv_start).
+    c.disc_optim = common.optim_config(lr=2e-4 if a.variant == "tiny" else 1e-4, warmup=50)
+    c.disc_optim.update(b1=0.5, b2=0.9, weight_decay=0.0, ema_decay=0.0)
     c.train = common.train_config(steps=600 if a.runlocal else 100_000)
     c.eval = ml_collections.ConfigDict({"num_clips": 16})
     return c

@@ -110,6 +110,7 @@ def run_demo(
         "minutes_budget": minutes,
         "timings": timings,
         "vae": {"steps": vae_out["step"], "final": vae_out["final"], "psnr_db": vae_out["psnr"],
+                **{k: vae_out.get(k, float("nan")) for k in ("ssim", "parse_error_px", "parse_error_true_px")},
                 "corrupt_records_skipped": vae_out["corrupt_records_skipped"],
                 "first": vae_out["history"][0] if vae_out["history"] else {}},
         "dit": {"steps": dit_out["step"], "final": dit_out["final"], "num_captions": dit_out["num_captions"],
@@ -145,7 +146,9 @@ def render_report(r: dict) -> str:
         f"DiT {t['dit_train_s']:.0f} s, sampling {t['sample_s']:.0f} s).", "",
         "| stage | steps | first loss | final loss | other |", "|---|---|---|---|---|",
         f"| VAE | {r['vae']['steps']} | {r['vae']['first'].get('loss', float('nan')):.4f} | "
-        f"{r['vae']['final'].get('loss', float('nan')):.4f} | held-out PSNR {r['vae']['psnr_db']:.2f} dB |",
+        f"{r['vae']['final'].get('loss', float('nan')):.4f} | held-out PSNR {r['vae']['psnr_db']:.2f} dB, "
+        f"SSIM {r['vae']['ssim']:.3f}, ball parse error {r['vae']['parse_error_px']:.2f} px "
+        f"(true clips {r['vae']['parse_error_true_px']:.2f} px) |",
         f"| DiT | {r['dit']['steps']} | {r['dit']['first'].get('loss', float('nan')):.4f} | "
         f"{r['dit']['final'].get('loss', float('nan')):.4f} | {r['dit']['num_captions']} distinct captions |",
         "", "| prompt | balls (count match) | colours (match) | mean detected | video |", "|---|---|---|---|---|",

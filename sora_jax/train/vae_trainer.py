@@ -1,4 +1,4 @@
-"""Training the causal 3D VAE: L1 + KL on random spacetime crops, sharded over the mesh."""
+"""Training the causal 3D VAE: L1 + KL (+ L2, + a PatchGAN hinge loss) on random spacetime crops, sharded over the mesh."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -15,7 +16,15 @@ import numpy as np
 
 from sora_jax.data.physics_tfds import build_physics_dataset
 from sora_jax.data.pipeline import make_loader, numpy_batch
-from sora_jax.eval.video import psnr
+from sora_jax.eval.physics import parse_error
+from sora_jax.eval.video import psnr, ssim
+from sora_jax.models.discriminator import (
+    DiscriminatorConfig,
+    PatchDiscriminator3D,
+    hinge_d_loss,
+    hinge_g_loss,
+    init_discriminator_variables,
+)
 from sora_jax.models.vae import CausalVAE, VAEConfig, init_vae_variables, kl_divergence, validate_video_shape
 from sora_jax.parallel.mesh import batch_sharding, global_batch
 from sora_jax.train import checkpoint
@@ -38,8 +47,39 @@ def vae_config_from(config: ml_collections.ConfigDict) -> VAEConfig:
     return dataclass_from(VAEConfig, config.model)
 
 
-def make_vae_step(model: CausalVAE, loss_cfg: ml_collections.ConfigDict):
-    """The (state, batch, rng) -> (state, metrics) function of one VAE update."""
+@flax.struct.dataclass
+class VAEGANState(TrainState):
+    """The VAE's train state plus the discriminator's own (params, optimiser, step)."""
+
+    disc: TrainState | None = None
+
+
+def with_discriminator(state: TrainState, disc: TrainState) -> VAEGANState:
+    """A VAEGANState holding `state`'s fields and `disc` (works on shardings trees too)."""
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(TrainState)}
+    return VAEGANState(**fields, disc=disc)
+
+
+def without_discriminator(state: VAEGANState) -> TrainState:
+    """The plain VAE TrainState inside a VAEGANState."""
+    return TrainState(**{f.name: getattr(state, f.name) for f in dataclasses.fields(TrainState)})
+
+
+def disc_config_from(config: ml_collections.ConfigDict) -> DiscriminatorConfig:
+    """The discriminator dataclass of a VAE run config (config.disc)."""
+    return dataclass_from(DiscriminatorConfig, config.disc)
+
+
+def _tree_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(tree)))
+
+
+def make_vae_step(model: CausalVAE, loss_cfg: ml_collections.ConfigDict, disc: PatchDiscriminator3D | None = None):
+    """The (state, batch, rng) -> (state, metrics) function of one VAE update.
+
+    With `disc` and loss_cfg.adv > 0 the state is a VAEGANState and the step also updates the
+    discriminator (see `_gan_step`); otherwise it is the plain reconstruction step.
+    """
     l1_w, l2_w, kl_w = float(loss_cfg.l1), float(loss_cfg.l2), float(loss_cfg.kl)
     sample = bool(loss_cfg.sample_posterior)
 
@@ -50,12 +90,56 @@ def make_vae_step(model: CausalVAE, loss_cfg: ml_collections.ConfigDict):
         l2 = jnp.square(err).mean()
         kl = kl_divergence(mean, logvar).mean()
         loss = l1_w * l1 + l2_w * l2 + kl_w * kl
-        return loss, {"loss": loss, "l1": l1, "mse": l2, "kl": kl}
+        return loss, ({"loss": loss, "l1": l1, "mse": l2, "kl": kl}, recon)
+
+    if disc is not None and float(loss_cfg.get("adv", 0.0)) > 0:
+        return _gan_step(loss_fn, disc, float(loss_cfg.adv), int(loss_cfg.adv_start))
 
     def step(state: TrainState, batch: dict, rng: jax.Array):
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch["video"], rng)
-        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        grads, (metrics, _) = jax.grad(loss_fn, has_aux=True)(state.params, batch["video"], rng)
+        metrics["grad_norm"] = _tree_norm(grads)
         return state.apply_gradients(grads), metrics
+
+    return step
+
+
+def _gan_step(rec_loss_fn, disc: PatchDiscriminator3D, adv: float, adv_start: int):
+    """VAE + discriminator update: generator loss rec + w * g_loss, w = adv from adv_start on, else 0.
+
+    Both networks step from the same forward pass (the discriminator judges this step's
+    reconstructions, detached). The warm-up switch is a traced value, so warm-up and GAN phases
+    share one compiled step; the price is that the discriminator runs (discarded) during warm-up.
+    Metrics: loss is the generator's total (rec_loss + adv_weight * g_loss), plus d_loss, the
+    mean real/fake logits d_real/d_fake, both gradient norms and the adv_weight in force.
+    """
+
+    def step(state: VAEGANState, batch: dict, rng: jax.Array):
+        video = batch["video"]
+        on = state.step >= adv_start
+        adv_w = jnp.where(on, adv, 0.0)
+
+        def g_loss_fn(params):
+            rec, (metrics, recon) = rec_loss_fn(params, video, rng)
+            g_loss = hinge_g_loss(disc.apply(state.disc.params, recon))
+            loss = rec + adv_w * g_loss
+            return loss, ({**metrics, "loss": loss, "rec_loss": rec, "g_loss": g_loss}, recon)
+
+        grads, (metrics, recon) = jax.grad(g_loss_fn, has_aux=True)(state.params)
+        fake = jax.lax.stop_gradient(recon)
+
+        def d_loss_fn(d_params):
+            real_logits, fake_logits = disc.apply(d_params, video), disc.apply(d_params, fake)
+            return hinge_d_loss(real_logits, fake_logits), (real_logits.mean(), fake_logits.mean())
+
+        (d_loss, (d_real, d_fake)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(state.disc.params)
+        # Before adv_start the discriminator keeps its params, moments and step exactly: a zero
+        # gradient alone would still move it through AdamW's weight decay and bias correction.
+        d_state = jax.tree.map(
+            lambda new, old: jnp.where(on, new, old), state.disc.apply_gradients(d_grads), state.disc
+        )
+        metrics.update(grad_norm=_tree_norm(grads), d_loss=d_loss, d_real=d_real, d_fake=d_fake,
+                       d_grad_norm=_tree_norm(d_grads), adv_weight=adv_w)
+        return state.apply_gradients(grads).replace(disc=d_state), metrics
 
     return step
 
@@ -69,6 +153,32 @@ def physics_sources(config: ml_collections.ConfigDict) -> dict:
     )
 
 
+def create_vae_state(
+    config: ml_collections.ConfigDict, mesh, rules, rng: jax.Array
+) -> tuple[TrainState, Any, PatchDiscriminator3D | None]:
+    """Sharded initial train state of a VAE run, its shardings, and the discriminator (or None).
+
+    With config.loss.adv > 0 the state is a VAEGANState carrying the discriminator's own
+    TrainState (own optimiser, config.disc_optim), sharded by the same logical rules.
+    """
+    vae_cfg = vae_config_from(config)
+    tx = make_optimizer(config.optim, config.train.steps)
+    state, shardings = create_sharded_state(
+        lambda k: init_vae_variables(vae_cfg, k), tx, float(config.optim.ema_decay), mesh, rules, rng
+    )
+    if float(config.loss.adv) <= 0:
+        return state, shardings, None
+    disc_cfg = disc_config_from(config)
+    disc_state, disc_shardings = create_sharded_state(
+        lambda k: init_discriminator_variables(disc_cfg, k),
+        make_optimizer(config.disc_optim, config.train.steps), float(config.disc_optim.ema_decay),
+        # fold_in, not a wider split: the VAE's keys stay those of a GAN-less run.
+        mesh, rules, jax.random.fold_in(rng, 1),
+    )
+    state = with_discriminator(state, disc_state)
+    return state, with_discriminator(shardings, disc_shardings), PatchDiscriminator3D(disc_cfg)
+
+
 def train_vae(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Train (or resume) a VAE run in config.workdir; returns its final metrics and history."""
     workdir = Path(config.workdir).absolute()
@@ -77,6 +187,8 @@ def train_vae(config: ml_collections.ConfigDict) -> dict[str, Any]:
     frames, crop = int(config.data.crop_frames), int(config.data.crop_size)
     validate_video_shape(vae_cfg, frames, crop, crop)
     validate_video_shape(vae_cfg, config.data.frames, config.data.size, config.data.size)
+    if float(config.loss.adv) > 0:
+        disc_config_from(config).logits_shape(frames, crop, crop)
     local_batch = per_process_batch(config.data.batch_size, mesh)
 
     sources = physics_sources(config)
@@ -85,20 +197,17 @@ def train_vae(config: ml_collections.ConfigDict) -> dict[str, Any]:
         worker_count=config.data.worker_count, frames=frames, crop=crop,
     )
     model = CausalVAE(vae_cfg)
-    tx = make_optimizer(config.optim, config.train.steps)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-    state, shardings = create_sharded_state(
-        lambda k: init_vae_variables(vae_cfg, k), tx, float(config.optim.ema_decay), mesh, rules, init_rng
-    )
+    state, shardings, disc = create_vae_state(config, mesh, rules, init_rng)
     manager = checkpoint.make_manager(workdir / "ckpt", keep=config.train.keep)
     data_iter = iter(loader)
     if manager.latest_step() is not None:
-        state = checkpoint.restore(manager, state, data_iter)
+        state = _restore(manager, state, data_iter)
     # The model dataclass travels with the checkpoint so inference needs no training config.
     checkpoint.write_json_atomic(workdir / VAE_CONFIG_FILE, dataclass_to_json(vae_cfg))
 
     state, logger = train_sharded(
-        step=make_vae_step(model, config.loss), state=state, state_shardings=shardings,
+        step=make_vae_step(model, config.loss, disc), state=state, state_shardings=shardings,
         batch_shardings={"video": batch_sharding(mesh, 5)}, mesh=mesh, rules=rules, data_iter=data_iter,
         to_device=lambda b: global_batch(mesh, {"video": b["video"]}), train_cfg=config.train,
         manager=manager, logdir=workdir / "tb", rng=train_rng, desc="train-vae",
@@ -108,11 +217,26 @@ def train_vae(config: ml_collections.ConfigDict) -> dict[str, Any]:
     stats = latent_statistics(model, state.eval_params, sources["train"], config.eval.num_clips)
     vae_cfg = dataclasses.replace(vae_cfg, latents_mean=stats[0], latents_std=stats[1])
     checkpoint.write_json_atomic(workdir / VAE_CONFIG_FILE, dataclass_to_json(vae_cfg))
-    eval_psnr = evaluate_vae(model, state.eval_params, sources["test"], config.eval.num_clips)
+    metrics = evaluate_vae(model, state.eval_params, sources["test"], config.eval.num_clips)
     manager.close()
     final = logger.history[-1] if logger.history else {}
-    return {"step": int(state.step), "final": final, "history": logger.history, "psnr": eval_psnr,
+    return {"step": int(state.step), "final": final, "history": logger.history, **metrics,
             "corrupt_records_skipped": loader.stats.corrupt}
+
+
+def _restore(manager, state: TrainState, data_iter) -> TrainState:
+    """Resume from the latest checkpoint; a GAN-less checkpoint may start the GAN phase."""
+    has_disc = "disc" in checkpoint.saved_state_keys(manager)
+    if isinstance(state, VAEGANState) and not has_disc:
+        # Turning the adversarial loss on for a VAE trained without it: fresh discriminator.
+        vae = checkpoint.restore(manager, without_discriminator(state), data_iter)
+        return with_discriminator(vae, state.disc)
+    if has_disc and not isinstance(state, VAEGANState):
+        raise ValueError(
+            f"the checkpoint in {manager.directory} was trained with a discriminator; resume it with "
+            "--config.loss.adv > 0 (and the same config.disc) or start a new --config.workdir"
+        )
+    return checkpoint.restore(manager, state, data_iter)
 
 
 def load_vae(workdir: str | Path) -> tuple[CausalVAE, Any]:
@@ -147,10 +271,28 @@ def latent_statistics(model: CausalVAE, params, source, num_clips: int) -> tuple
     return tuple(float(v) for v in flat.mean(0)), tuple(float(v) for v in flat.std(0) + 1e-6)
 
 
-def evaluate_vae(model: CausalVAE, params, source, num_clips: int) -> float:
-    """Reconstruction PSNR (dB) of whole held-out clips through encode(mean) -> decode."""
-    clips = _clips(source, num_clips)
+def evaluate_vae(model: CausalVAE, params, source, num_clips: int) -> dict[str, float]:
+    """Held-out reconstruction metrics of whole clips through encode(mean) -> decode.
+
+    psnr (dB) over [-1, 1] pixels and the standard ssim (of [0, 1] intensities); when the source stores the simulator state, the
+    ball-centroid parse error (px) of the reconstructions and, as its floor, of the true clips:
+    parse_error_px / parse_error_true_px is the issue's "<= 1.5x ground truth" ratio.
+    """
+    batch = numpy_batch(source, range(min(num_clips, len(source))))
+    clips = batch["video"]
     recon = np.concatenate(
         [np.asarray(_reconstruct(model, params, clips[i:i + 4])) for i in range(0, len(clips), 4)]
-    )
-    return float(psnr(recon, clips))
+    ).astype(np.float32)
+    # SSIM's 11-pixel window needs frames at least that large (data.size may be 8).
+    fits = min(clips.shape[2:4]) >= 11
+    out = {"psnr": float(psnr(recon, clips)),
+           "ssim": ssim(recon, clips, data_range=2.0, min_value=-1.0) if fits else float("nan")}
+    if "positions" in batch and "colors" in batch:
+        rec = parse_error(recon, batch["positions"], batch["colors"])
+        true = parse_error(clips, batch["positions"], batch["colors"])
+        out.update(
+            parse_error_px=rec["error_px"], parse_miss_rate=rec["miss_rate"],
+            parse_spurious_per_frame=rec["spurious_per_frame"],
+            parse_error_true_px=true["error_px"], parse_miss_rate_true=true["miss_rate"],
+        )
+    return out
