@@ -85,7 +85,9 @@ def _train(a, extra) -> None:
 
         out = train_vae(config)
         print(f"VAE step {out['step']}: loss {out['final'].get('loss', float('nan')):.4f}, "
-              f"held-out PSNR {out['psnr']:.2f} dB; checkpoints in {config.workdir}")
+              f"held-out PSNR {out['psnr']:.2f} dB, SSIM {out['ssim']:.3f}, ball parse error "
+              f"{out.get('parse_error_px', float('nan')):.2f} px (true clips "
+              f"{out.get('parse_error_true_px', float('nan')):.2f} px); checkpoints in {config.workdir}")
     else:
         from sora_jax.train.dit_trainer import train_dit
 

@@ -26,6 +26,7 @@ from sora_jax.models.discriminator import (
     init_discriminator_variables,
 )
 from sora_jax.models.vae import CausalVAE, VAEConfig, init_vae_variables, kl_divergence, validate_video_shape
+from sora_jax.models.vae_codec import VideoCodec
 from sora_jax.parallel.mesh import batch_sharding, global_batch
 from sora_jax.train import checkpoint
 from sora_jax.train.loop import train_sharded
@@ -38,6 +39,7 @@ from sora_jax.train.setup import (
     per_process_batch,
 )
 from sora_jax.train.state import TrainState, create_sharded_state, make_optimizer
+from sora_jax.train.vae_stats import latent_channel_stats, physics_clips
 
 VAE_CONFIG_FILE = "vae_config.json"
 
@@ -214,8 +216,9 @@ def train_vae(config: ml_collections.ConfigDict) -> dict[str, Any]:
     )
     # Evaluation runs outside the mesh context: small odd-sized batches need no batch sharding.
     # Latent statistics make DiT inputs unit-scale; they are part of the VAE's config.
-    stats = latent_statistics(model, state.eval_params, sources["train"], config.eval.num_clips)
-    vae_cfg = dataclasses.replace(vae_cfg, latents_mean=stats[0], latents_std=stats[1])
+    clips = physics_clips(sources["train"], max(config.eval.num_clips, 8), batch_size=4)
+    stats = latent_channel_stats(VideoCodec(model, chunked=False), state.eval_params, clips)
+    vae_cfg = dataclasses.replace(vae_cfg, latents_mean=stats["mean"], latents_std=stats["std"])
     checkpoint.write_json_atomic(workdir / VAE_CONFIG_FILE, dataclass_to_json(vae_cfg))
     metrics = evaluate_vae(model, state.eval_params, sources["test"], config.eval.num_clips)
     manager.close()
@@ -248,27 +251,9 @@ def load_vae(workdir: str | Path) -> tuple[CausalVAE, Any]:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _encode_mean(model: CausalVAE, params, video):
-    mean, _ = model.apply(params, video, method=CausalVAE.encode)
-    return mean
-
-
-@functools.partial(jax.jit, static_argnums=0)
 def _reconstruct(model: CausalVAE, params, video):
     mean, _ = model.apply(params, video, method=CausalVAE.encode)
     return model.apply(params, mean, method=CausalVAE.decode)
-
-
-def _clips(source, n: int) -> np.ndarray:
-    return numpy_batch(source, range(min(n, len(source))))["video"]
-
-
-def latent_statistics(model: CausalVAE, params, source, num_clips: int) -> tuple[tuple, tuple]:
-    """Per-channel mean and std of posterior means over the first clips of a split."""
-    clips = _clips(source, max(num_clips, 8))
-    z = np.concatenate([np.asarray(_encode_mean(model, params, clips[i:i + 4])) for i in range(0, len(clips), 4)])
-    flat = z.reshape(-1, z.shape[-1])
-    return tuple(float(v) for v in flat.mean(0)), tuple(float(v) for v in flat.std(0) + 1e-6)
 
 
 def evaluate_vae(model: CausalVAE, params, source, num_clips: int) -> dict[str, float]:
