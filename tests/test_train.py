@@ -123,3 +123,20 @@ def test_tiny_runs_trained_and_resume(tiny_runs, tmp_path):
     out = train_vae(cfg)
     assert out["step"] == 3
     assert [row["step"] for row in out["history"]] == [3]
+
+
+def test_restore_params_prefers_ema(tmp_path):
+    """Inference loads the EMA weights when the checkpoint has them (a fresh manager, as at load time)."""
+    import orbax.checkpoint as ocp
+
+    from sora_jax.train import checkpoint
+
+    params = {"w": np.arange(4, dtype=np.float32)}
+    ema = {"w": np.full(4, 7.0, np.float32)}
+    manager = checkpoint.make_manager(tmp_path / "ckpt", async_save=False)
+    manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave({"step": 3, "params": params, "ema_params": ema})))
+    manager.close()
+    abstract = {"w": jax.ShapeDtypeStruct((4,), np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+    np.testing.assert_array_equal(checkpoint.restore_params(tmp_path / "ckpt", abstract)["w"], ema["w"])
+    raw = checkpoint.restore_params(tmp_path / "ckpt", abstract, use_ema=False)
+    np.testing.assert_array_equal(raw["w"], params["w"])

@@ -98,9 +98,7 @@ def restore_params(directory: str | os.PathLike, abstract_params: Any, *, use_em
     step = manager.latest_step()
     if step is None:
         raise CheckpointError(f"no checkpoint found in {path}; train first or pass the right --workdir")
-    meta = manager.item_metadata(step)
-    tree = meta["state"] if meta is not None and "state" in meta else None
-    key = "ema_params" if use_ema and tree is not None and "ema_params" in tree else "params"
+    key = "ema_params" if use_ema and "ema_params" in saved_state_keys(manager, step) else "params"
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
