@@ -16,20 +16,21 @@ def main() -> None:
     p.add_argument("--config", default="wan2.1", choices=sorted(CONFIGS))
     p.add_argument("--op", default="decode", choices=("decode", "encode"))
     p.add_argument("--frames", default="17,69", help="comma-separated frame counts (4k+1)")
-    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--size", type=int, default=128, help="height (and width unless --width)")
+    p.add_argument("--width", type=int)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--modes", default="chunked,whole", help="chunked and/or whole")
     p.add_argument("--compile-only", action="store_true", help="compiled buffer plan only, no real call")
     p.add_argument("--out", default="bench_vae_memory.json")
     a = p.parse_args()
     points = [
-        MemoryPoint(a.config, a.op, mode == "chunked", int(f), a.size, a.batch, not a.compile_only)
+        MemoryPoint(a.config, a.op, mode == "chunked", int(f), a.size, a.width, a.batch, not a.compile_only)
         for mode in a.modes.split(",") for f in a.frames.split(",")
     ]
     result = sweep(points)
     with open(a.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"{a.config} {a.op} {a.size}x{a.size}, batch {a.batch}; {result['env']}")
+    print(f"{a.config} {a.op} {a.size}x{a.width or a.size}, batch {a.batch}; {result['env']}")
     print("| path | frames | compiled peak MiB (x) | temp MiB | RSS peak MiB (x) | RSS growth MiB (x) |")
     print("|---|---|---|---|---|---|")
     for r in result["rows"]:

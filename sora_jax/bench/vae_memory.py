@@ -35,7 +35,8 @@ class MemoryPoint:
     op: str = "decode"  # decode | encode
     chunked: bool = True
     frames: int = 17
-    size: int = 128
+    size: int = 128  # height
+    width: int | None = None  # None: square
     batch: int = 1
     run: bool = True  # False: compiled buffer plan only
 
@@ -63,12 +64,13 @@ def measure_point(p: MemoryPoint) -> dict[str, Any]:
     codec = VideoCodec(CausalVAE(cfg), chunked=p.chunked)
     params = jax.jit(lambda k: jax.tree.map(lambda x: x, init_vae_variables(cfg, k)))(jax.random.key(0))
     params = jax.tree.map(lambda b: getattr(b, "value", b), params, is_leaf=lambda b: hasattr(b, "value"))
-    t, h, w, z = cfg.latent_shape(p.frames, p.size, p.size)
+    width = p.width or p.size
+    t, h, w, z = cfg.latent_shape(p.frames, p.size, width)
     if p.op == "decode":
         x = jax.random.normal(jax.random.key(1), (p.batch, t, h, w, z))
         fn = codec.decode_fn
     else:
-        x = jax.random.uniform(jax.random.key(1), (p.batch, p.frames, p.size, p.size, 3), minval=-1, maxval=1)
+        x = jax.random.uniform(jax.random.key(1), (p.batch, p.frames, p.size, width, 3), minval=-1, maxval=1)
         fn = codec.encode_fn
     jax.block_until_ready((params, x))
     baseline = _status_mib("VmRSS")
