@@ -1,10 +1,20 @@
-"""Jitted flow-matching samplers: the whole solve is one `lax.fori_loop` inside one jit."""
+"""Jitted samplers: the whole solve is one `lax.scan` inside one jit.
+
+Every sampler is a frozen, hashable dataclass whose fields (step count included) are static, so a
+sampler compiles once per configuration and runs all its steps in a single XLA loop. They share:
+  - `guided_prediction`: classifier-free guidance, conditional and unconditional (negative-prompt)
+    branches in one batched network call;
+  - `LoopSampler`: `__call__` (final sample), `trajectory` (the sample after every step, for parity
+    tests) and `generate` (noise and stochastic steps from an integer seed).
+Flow samplers (Euler, Heun here; UniPC in unipc.py) integrate sigma from ~1 to 0; DDIM (ddim.py)
+walks the discrete DDPM timesteps.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Protocol
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -13,18 +23,18 @@ from sora_jax.diffusion import flow
 
 
 class Denoiser(Protocol):
-    """A hashable callable (params, x_t, t, text, text_mask) -> velocity."""
+    """A hashable callable (params, x_t, t, text, text_mask) -> model output (velocity, eps or v)."""
 
     def __call__(self, params, x, t, text, text_mask) -> jax.Array: ...
 
 
 @dataclasses.dataclass(frozen=True)
 class Conditioning:
-    """Text embeddings for the prompt and for the unconditional (empty) prompt."""
+    """Text embeddings for the prompt and for the unconditional branch (empty or negative prompt)."""
 
     text: jax.Array  # [batch, text_len, text_dim]
     text_mask: jax.Array  # [batch, text_len]
-    null_text: jax.Array  # [batch, text_len, text_dim]
+    null_text: jax.Array  # [batch, text_len, text_dim]; same shape as text (they are concatenated)
     null_mask: jax.Array  # [batch, text_len]
 
 
@@ -33,55 +43,129 @@ jax.tree_util.register_dataclass(
 )
 
 
+def guided_prediction(
+    denoiser: Denoiser, params: Any, x: jax.Array, t: jax.Array, cond: Conditioning, guidance: float
+) -> jax.Array:
+    """Classifier-free guidance out_u + g (out_c - out_u) at scalar timestep t, in one network call."""
+    b = x.shape[0]
+    t = jnp.full((b,), t, jnp.float32)
+    if guidance == 1.0:
+        # g = 1 is the conditional output exactly; skip the unconditional half of the batch.
+        return denoiser(params, x, t, cond.text, cond.text_mask)
+    # One network call on [cond; uncond] (batch 2B) halves the number of sequential launches.
+    out = denoiser(
+        params,
+        jnp.concatenate([x, x]),
+        jnp.concatenate([t, t]),
+        jnp.concatenate([cond.text, cond.null_text]),
+        jnp.concatenate([cond.text_mask, cond.null_mask]),
+    )
+    out_cond, out_uncond = out[:b], out[b:]
+    return out_uncond + guidance * (out_cond - out_uncond)
+
+
+def scan_steps(
+    step: Callable[[Any, Any], Any], carry: Any, xs: Any, keep: Callable[[Any], jax.Array] | None
+) -> tuple[Any, jax.Array | None]:
+    """Run `step(carry, x) -> carry` over the leading axis of xs in one lax.scan; stack keep(carry) if given."""
+    def body(c, x):
+        c = step(c, x)
+        return c, (None if keep is None else keep(c))
+
+    return jax.lax.scan(body, carry, xs)
+
+
+class LoopSampler:
+    """Shared entry points of the samplers; subclasses implement `_solve`."""
+
+    num_steps: int
+
+    def _solve(self, denoiser, params, noise, cond, rng, keep: bool) -> tuple[jax.Array, jax.Array | None]:
+        raise NotImplementedError
+
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def __call__(
+        self, denoiser: Denoiser, params: Any, noise: jax.Array, cond: Conditioning, rng: jax.Array | None = None
+    ) -> jax.Array:
+        """Denoise `noise` to a clean latent; `rng` feeds stochastic samplers (DDIM with eta > 0)."""
+        return self._solve(denoiser, params, noise.astype(jnp.float32), cond, rng, keep=False)[0]
+
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def trajectory(
+        self, denoiser: Denoiser, params: Any, noise: jax.Array, cond: Conditioning, rng: jax.Array | None = None
+    ) -> jax.Array:
+        """The noise followed by the sample after each step: [num_steps + 1, *noise.shape]."""
+        noise = noise.astype(jnp.float32)
+        _, xs = self._solve(denoiser, params, noise, cond, rng, keep=True)
+        return jnp.concatenate([noise[None], xs])  # [1 + num_steps, *noise.shape]
+
+    def generate(self, denoiser: Denoiser, params: Any, shape: tuple[int, ...], cond: Conditioning, seed: int) -> jax.Array:
+        """Sample from an integer seed: noise from key(seed), per-step randomness from fold_in(key(seed), 1)."""
+        key = jax.random.key(seed)
+        noise = jax.random.normal(key, shape, jnp.float32)
+        return self(denoiser, params, noise, cond, jax.random.fold_in(key, 1))
+
+
 @dataclasses.dataclass(frozen=True)
-class FlowSampler:
-    """Euler or Heun solver from sigma=1 to 0 with classifier-free guidance."""
+class FlowSampler(LoopSampler):
+    """Euler or Heun solver from sigma=1 to 0 with classifier-free guidance.
+
+    `schedule` picks the sigma grid (see `flow.flow_schedule`): "linear" (shifted linspace(1, 0)),
+    "diffusers_euler" (exactly diffusers' FlowMatchEulerDiscreteScheduler(shift=shift)) or
+    "diffusers_unipc" (the grid of UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=shift)).
+    """
 
     num_steps: int = 30
     guidance: float = 4.0
     shift: float = 3.0
     solver: str = "euler"
+    schedule: str = "linear"
 
     def __post_init__(self):
         if self.solver not in ("euler", "heun"):
             raise ValueError(f"unknown solver {self.solver!r}; use 'euler' or 'heun'")
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.schedule not in flow.FLOW_SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; use one of {flow.FLOW_SCHEDULES}")
 
     def sigmas(self) -> jax.Array:
         """The decreasing noise levels visited, num_steps + 1 of them, ending at 0."""
-        return flow.shift_sigmas(jnp.linspace(1.0, 0.0, self.num_steps + 1), self.shift)
+        return jnp.asarray(flow.flow_schedule(self.num_steps, self.shift, self.schedule)[0])
 
-    def _velocity(self, denoiser: Denoiser, params, x, sigma, cond: Conditioning) -> jax.Array:
-        b = x.shape[0]
-        t = jnp.full((b,), sigma * flow.TIME_SCALE, jnp.float32)
-        if self.guidance == 1.0:
-            return denoiser(params, x, t, cond.text, cond.text_mask)
-        # One network call on [cond; uncond] halves the number of sequential launches.
-        v = denoiser(
-            params,
-            jnp.concatenate([x, x]),
-            jnp.concatenate([t, t]),
-            jnp.concatenate([cond.text, cond.null_text]),
-            jnp.concatenate([cond.text_mask, cond.null_mask]),
-        )
-        v_cond, v_uncond = v[:b], v[b:]
-        return v_uncond + self.guidance * (v_cond - v_uncond)
+    def _solve(self, denoiser, params, noise, cond, rng, keep):
+        sigmas, timesteps = flow.flow_schedule(self.num_steps, self.shift, self.schedule)
+        # Heun's second evaluation is at the next grid point: its timestep, 0 after the last one.
+        t_next = jnp.concatenate([jnp.asarray(timesteps[1:]), jnp.zeros((1,), jnp.float32)])
+        xs = (jnp.asarray(sigmas[:-1]), jnp.asarray(sigmas[1:]), jnp.asarray(timesteps), t_next)
 
-    @functools.partial(jax.jit, static_argnums=(0, 1))
-    def __call__(self, denoiser: Denoiser, params, noise: jax.Array, cond: Conditioning) -> jax.Array:
-        """Integrate the probability-flow ODE from pure noise to a clean latent."""
-        sigmas = self.sigmas()
-
-        def step(i, x):
-            s, s_next = sigmas[i], sigmas[i + 1]
-            v = self._velocity(denoiser, params, x, s, cond)
+        def step(x, per_step):
+            s, s_next, t, tn = per_step
+            v = guided_prediction(denoiser, params, x, t, cond, self.guidance)
             x_euler = x + (s_next - s) * v
             if self.solver == "euler":
                 return x_euler
-            # Heun: average the slopes at both ends, except for the last step into sigma=0.
-            v_next = self._velocity(denoiser, params, x_euler, s_next, cond)
-            x_heun = x + (s_next - s) * 0.5 * (v + v_next)
-            return jnp.where(s_next > 0, x_heun, x_euler)
 
-        return jax.lax.fori_loop(0, self.num_steps, step, noise.astype(jnp.float32))
+            def heun(_):
+                v_next = guided_prediction(denoiser, params, x_euler, tn, cond, self.guidance)
+                return x + (s_next - s) * 0.5 * (v + v_next)
+
+            # Heun averages the slopes at both ends, except on the last step into sigma=0, where the
+            # slope is undefined; lax.cond skips that network call instead of computing and discarding it.
+            return jax.lax.cond(s_next > 0, heun, lambda _: x_euler, None)
+
+        return scan_steps(step, noise, xs, (lambda x: x) if keep else None)
+
+
+FLOW_SOLVERS = ("euler", "heun", "unipc")
+
+
+def make_flow_sampler(solver: str, **fields: Any) -> LoopSampler:
+    """A flow sampler by solver name: FlowSampler for 'euler'/'heun', UniPCSampler for 'unipc'."""
+    if solver == "unipc":
+        from sora_jax.diffusion.unipc import UniPCSampler  # unipc builds on this module: import late
+
+        return UniPCSampler(**fields)
+    if solver in ("euler", "heun"):
+        return FlowSampler(solver=solver, **fields)
+    raise ValueError(f"unknown solver {solver!r}; use one of {FLOW_SOLVERS}")
