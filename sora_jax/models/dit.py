@@ -182,6 +182,7 @@ class DiTBlock(nn.Module):
         timestep_proj: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
+        video_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, None]:
         """x [batch, tokens, embed], context [batch, L, embed], timestep_proj [batch, 6, embed]."""
         cfg, dim, f32 = self.cfg, self.cfg.hidden_size, jnp.float32
@@ -196,7 +197,7 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (mod[:, i, None] for i in range(6))
 
         h = LayerNormFP32(cfg.eps, name="norm1")(x) * (1 + scale_msa) + shift_msa
-        h = WanAttention(cfg, name="attn1")(h.astype(cfg.dtype), cos=cos, sin=sin)
+        h = WanAttention(cfg, name="attn1")(h.astype(cfg.dtype), context_mask=video_mask, cos=cos, sin=sin)
         x = (x.astype(f32) + h * gate_msa).astype(cfg.dtype)
 
         h = x
@@ -254,11 +255,23 @@ class DiT(nn.Module):
         timesteps: jax.Array,
         text: jax.Array,
         text_mask: jax.Array | None = None,
+        video_mask: jax.Array | None = None,
     ) -> jax.Array:
-        """latents [B,T,H,W,C], timesteps [B] in [0,1000], text [B,L,D], mask [B,L] -> [B,T,H,W,out] f32."""
+        """latents [B,T,H,W,C], timesteps [B] in [0,1000], text [B,L,D], mask [B,L] -> [B,T,H,W,out] f32.
+
+        video_mask [B, T'·H'·W'] (or [B, T', H', W']) marks real video tokens; padded ones are
+        dropped as self-attention keys (their own outputs are junk for the loss to mask out).
+        """
         cfg, dim = self.cfg, self.cfg.hidden_size
         grid = validate_latent_grid(cfg, latents.shape)
         b = latents.shape[0]
+        if video_mask is not None:
+            if video_mask.shape not in ((b, math.prod(grid)), (b, *grid)):
+                raise ValueError(
+                    f"video_mask has shape {tuple(video_mask.shape)}; expected [batch, tokens]="
+                    f"{(b, math.prod(grid))} or the token grid {(b, *grid)} (latent grid / patch_size)"
+                )
+            video_mask = video_mask.reshape(b, -1)
         dense = functools.partial(Dense, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         small = nn.initializers.normal(0.02)
 
@@ -291,14 +304,16 @@ class DiT(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast,) * 5,
+                in_axes=(nn.broadcast,) * 6,
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, name="blocks")
-            x, _ = blocks(x, context, text_mask, timestep_proj, cos, sin)
+            x, _ = blocks(x, context, text_mask, timestep_proj, cos, sin, video_mask)
         else:
             for i in range(cfg.num_layers):
-                x, _ = block(cfg, name=f"blocks_{i}")(x, context, text_mask, timestep_proj, cos, sin)
+                x, _ = block(cfg, name=f"blocks_{i}")(
+                    x, context, text_mask, timestep_proj, cos, sin, video_mask
+                )
 
         table = self.param(
             "scale_shift_table",
