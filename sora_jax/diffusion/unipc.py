@@ -10,6 +10,8 @@ lambda_t = log(alpha_t) - log(sigma_t). Step i (sigma_i -> sigma_{i+1}) with mod
   3. predictor UniP of order p_i: x_{i+1} from the corrected x_i and m_i, m_{i-1}, ...
   p_i = min(order, i + 1) (warm-up), and with lower_order_final min(., num_steps - i), so the last
   step into sigma = 0 is first order (x_N = m_{N-1}).
+`trajectory` records what diffusers' `step` returns: the predictor output x_{i+1}, which the next
+step's corrector refines once the model has been evaluated there.
 All UniP/UniC coefficients depend only on the sigma grid, so they are computed once in numpy
 (float64, from diffusers' float32 sigmas) at trace time; the jitted loop only forms linear
 combinations of the sample, the previous corrected sample and the history of x0 predictions.
