@@ -14,9 +14,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
-from sora_jax.models.vae_blocks import Conv
+from sora_jax.models.vae_blocks import Conv, torch_like_init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,23 +104,7 @@ def init_discriminator_variables(cfg: DiscriminatorConfig, rng: jax.Array) -> di
     s = 2**cfg.num_layers
     dummy = jax.ShapeDtypeStruct((1, 1, s, s, 3), jnp.float32)
     abstract = jax.eval_shape(PatchDiscriminator3D(cfg).init, rng, dummy)
-    flat = traverse_util.flatten_dict(abstract["params"])
-    kernels = [k for k in flat if k[-1] == "kernel"]
-    draw = jax.random.uniform(rng, (sum(math.prod(flat[k].value.shape) for k in kernels),), jnp.float32, -1, 1)
-    out, offset = {}, 0
-    for path, box in flat.items():
-        shape, dtype = box.value.shape, box.value.dtype
-        if path[-1] == "kernel":
-            n = math.prod(shape)
-            # PyTorch's default conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = taps x C_in.
-            value = draw[offset : offset + n].reshape(shape) / math.sqrt(math.prod(shape[:-1]))
-            offset += n
-        elif path[-1] == "scale":
-            value = jnp.ones(shape)
-        else:
-            value = jnp.zeros(shape)
-        out[path] = box.replace_boxed(value.astype(dtype))
-    return {"params": traverse_util.unflatten_dict(out)}
+    return torch_like_init(abstract, rng)
 
 
 def hinge_d_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:

@@ -18,6 +18,11 @@ Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 
+def logical_param(module: nn.Module, name: str, init: Initializer, shape: tuple[int, ...], axes: tuple, dtype: Dtype):
+    """Create a parameter of `module` annotated with logical axis names."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
 class Dense(nn.Module):
     """Linear layer over the last axis whose kernel and bias carry logical axis names."""
 

@@ -9,13 +9,11 @@ tile by tile) when memory must not grow with the video.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
 from sora_jax.models.vae_blocks import (
     AttentionBlock,
@@ -25,6 +23,7 @@ from sora_jax.models.vae_blocks import (
     RMSNorm,
     UpBlock,
     causal_conv3d,
+    torch_like_init,
 )
 
 # diffusers' AutoencoderKLWan defaults: per-channel statistics of Wan2.1 latents.
@@ -299,22 +298,4 @@ def init_vae_variables(cfg: VAEConfig, rng: jax.Array) -> dict[str, Any]:
     """
     s = cfg.spatial_factor
     dummy = jax.ShapeDtypeStruct((1, 1 + cfg.temporal_factor, s, s, 3), jnp.float32)
-    abstract = jax.eval_shape(CausalVAE(cfg).init, rng, dummy)
-    flat = traverse_util.flatten_dict(abstract["params"])
-    kernels = [k for k in flat if k[-1] == "kernel"]
-    sizes = [math.prod(flat[k].value.shape) for k in kernels]
-    draw = jax.random.uniform(rng, (sum(sizes),), jnp.float32, -1.0, 1.0)
-    out, offset = {}, 0
-    for path, box in flat.items():
-        shape, dtype = box.value.shape, box.value.dtype
-        if path[-1] == "kernel":
-            n = math.prod(shape)
-            # PyTorch's default conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-            value = draw[offset : offset + n].reshape(shape) / math.sqrt(math.prod(shape[:-1]))
-            offset += n
-        elif path[-1] == "gamma":
-            value = jnp.ones(shape)
-        else:
-            value = jnp.zeros(shape)
-        out[path] = box.replace_boxed(value.astype(dtype))
-    return {"params": traverse_util.unflatten_dict(out)}
+    return torch_like_init(jax.eval_shape(CausalVAE(cfg).init, rng, dummy), rng)

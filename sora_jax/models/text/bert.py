@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sora_jax.models.layers import logical_param
+
 Dtype = Any
 
 
@@ -76,11 +78,6 @@ class BertConfig:
         return cls(**kwargs)
 
 
-def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: tuple, dtype: Dtype):
-    """Create a parameter annotated with logical axis names."""
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
-
-
 _kernel_init = nn.initializers.normal(stddev=0.02)
 
 
@@ -94,8 +91,8 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
-        scale = _param(self, "scale", nn.initializers.ones, (d,), ("norm",), self.param_dtype)
-        bias = _param(self, "bias", nn.initializers.zeros, (d,), ("norm",), self.param_dtype)
+        scale = logical_param(self, "scale", nn.initializers.ones, (d,), ("norm",), self.param_dtype)
+        bias = logical_param(self, "bias", nn.initializers.zeros, (d,), ("norm",), self.param_dtype)
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
@@ -114,10 +111,10 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = _param(
+        kernel = logical_param(
             self, "kernel", _kernel_init, (x.shape[-1], self.features), self.axes, self.param_dtype
         )
-        bias = _param(
+        bias = logical_param(
             self, "bias", nn.initializers.zeros, (self.features,), self.axes[1:], self.param_dtype
         )
         y = jnp.einsum("bli,io->blo", x.astype(self.dtype), kernel.astype(self.dtype))  # [batch, length, out]
@@ -133,11 +130,11 @@ class BertEmbeddings(nn.Module):
     def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
         c = self.config
         init = _kernel_init
-        word = _param(self, "word_embeddings", init, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.param_dtype)
-        pos = _param(
+        word = logical_param(self, "word_embeddings", init, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.param_dtype)
+        pos = logical_param(
             self, "position_embeddings", init, (c.max_position_embeddings, c.hidden_size), (None, "embed"), c.param_dtype
         )
-        typ = _param(self, "token_type_embeddings", init, (c.type_vocab_size, c.hidden_size), (None, "embed"), c.param_dtype)
+        typ = logical_param(self, "token_type_embeddings", init, (c.type_vocab_size, c.hidden_size), (None, "embed"), c.param_dtype)
         length = input_ids.shape[1]
         x = (
             jnp.take(word, input_ids, axis=0)  # [batch, length, embed]

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sora_jax.models.layers import logical_param
+
 Dtype = Any
 
 # Activation names as transformers spells them (`dense_act_fn`); "gated-gelu" means gelu_new.
@@ -135,11 +137,6 @@ def relative_position_buckets(
     return (buckets + np.where(is_small, distance, large)).astype(np.int32)
 
 
-def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: tuple, dtype: Dtype):
-    """Create a parameter annotated with logical axis names."""
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
-
-
 _kernel_init = nn.initializers.normal(stddev=0.02)
 
 
@@ -152,7 +149,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",), self.param_dtype)
+        scale = logical_param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",), self.param_dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         # transformers rounds to the weight's dtype before scaling when the weights are half precision.
@@ -171,7 +168,7 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = _param(self, "kernel", _kernel_init, (x.shape[-1], self.features), self.axes, self.param_dtype)
+        kernel = logical_param(self, "kernel", _kernel_init, (x.shape[-1], self.features), self.axes, self.param_dtype)
         return jnp.einsum("bti,io->bto", x.astype(self.dtype), kernel.astype(self.dtype))  # [batch, tokens, out]
 
 
@@ -181,7 +178,7 @@ def _bias_table(module: nn.Module, c: T5Config) -> jax.Array:
     Named (None, None): it is tiny (32 x 64 for umT5-xxl) and the rules have no name for a
     per-head (not heads x head_dim) axis, so it is replicated.
     """
-    return _param(
+    return logical_param(
         module,
         "relative_attention_bias",
         _kernel_init,
@@ -248,7 +245,7 @@ class T5Encoder(nn.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         c = self.config
         t = input_ids.shape[1]
-        embedding = _param(
+        embedding = logical_param(
             self, "embedding", _kernel_init, (c.vocab_size, c.d_model), ("vocab", "embed"), c.param_dtype
         )
         x = jnp.take(embedding, input_ids, axis=0).astype(c.dtype)  # [batch, tokens, embed]
