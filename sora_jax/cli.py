@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=int)
     s.add_argument("--guidance", type=float)
-    s.add_argument("--solver", choices=("euler", "heun"))
+    s.add_argument("--sampler", "--solver", dest="solver", choices=("euler", "heun", "unipc"),
+                   help="flow solver (default: the run's config)")
     s.add_argument("--frames", type=int)
     s.add_argument("--size", type=int)
 
@@ -98,15 +99,15 @@ def _train(a, extra) -> None:
 
 def _sample(a) -> None:
     from sora_jax.data.video import write_gif, write_mp4
-    from sora_jax.diffusion.samplers import FlowSampler
+    from sora_jax.diffusion.samplers import make_flow_sampler
     from sora_jax.models.text.encoder import check_prompts
     from sora_jax.pipeline import TextToVideo
 
     check_prompts(a.prompt)  # fail before the (slow) model load
     t2v = TextToVideo.load(a.workdir)
     s = dict(t2v.defaults["sample"])
-    sampler = FlowSampler(num_steps=a.steps or s["steps"], guidance=s["guidance"] if a.guidance is None else a.guidance,
-                          shift=s["shift"], solver=a.solver or s["solver"])
+    sampler = make_flow_sampler(a.solver or s["solver"], num_steps=a.steps or s["steps"],
+                                guidance=s["guidance"] if a.guidance is None else a.guidance, shift=s["shift"])
     videos = t2v.generate(a.prompt, seed=a.seed, frames=a.frames, size=a.size, sampler=sampler)
     for i, video in enumerate(videos):
         print(write_mp4(Path(a.out) / f"sample_{i}.mp4", video, fps=s["fps"]))

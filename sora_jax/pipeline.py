@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sora_jax.convert.bert import load_text_encoder
-from sora_jax.diffusion.samplers import Conditioning, FlowSampler
+from sora_jax.diffusion.samplers import Conditioning, LoopSampler, make_flow_sampler
 from sora_jax.models.text.encoder import check_prompts
 from sora_jax.models.dit import DiT, DiTConfig, validate_latent_grid
 from sora_jax.models.vae import CausalVAE, denormalize_latents, validate_video_shape
@@ -76,7 +76,7 @@ class TextToVideo:
         seed: int = 0,
         frames: int | None = None,
         size: int | tuple[int, int] | None = None,
-        sampler: FlowSampler | None = None,
+        sampler: LoopSampler | None = None,
     ) -> np.ndarray:
         """Sample one video per prompt; returns float videos in [-1, 1], [B, T, H, W, 3]."""
         prompts = check_prompts(prompts)
@@ -89,7 +89,7 @@ class TextToVideo:
         validate_latent_grid(self.dit_cfg, grid)
         if sampler is None:
             s = self.defaults["sample"]
-            sampler = FlowSampler(num_steps=s["steps"], guidance=s["guidance"], shift=s["shift"], solver=s["solver"])
+            sampler = make_flow_sampler(s["solver"], num_steps=s["steps"], guidance=s["guidance"], shift=s["shift"])
         text, mask = self.text_encoder.encode(prompts)
         text, mask = jnp.asarray(text), jnp.asarray(mask)
         n_text, n_mask = null_text(len(prompts), text.shape[1], text.shape[2])

@@ -79,6 +79,15 @@ def test_sample_writes_mp4_and_gif(capsys, tiny_runs, tmp_path):
     assert (tmp_path / "sample_0.gif").stat().st_size > 0
 
 
+def test_sample_with_unipc(capsys, tiny_runs, tmp_path):
+    from sora_jax.data.video import read_video
+
+    code = main(["sample", "--workdir", str(tiny_runs["dit_cfg"].workdir), "--prompt", "one ball: red",
+                 "--out", str(tmp_path), "--steps", "3", "--sampler", "unipc"])
+    assert code == 0, capsys.readouterr().err
+    assert read_video(tmp_path / "sample_0.mp4").shape == (5, 32, 32, 3)
+
+
 @pytest.mark.parametrize("argv", [["demo", "--bogus"], ["sample", "--prompt", "x", "--config.a=1"]])
 def test_unknown_flags(capsys, argv):
     code = main(argv)
