@@ -528,7 +528,7 @@ def format_report(result: dict[str, Any]) -> str:
     m, o = result["machine"], result["options"]
     lines = [
         f"{o['config']}, video {result['shapes']['video_ours']} (B,T,H,W,C), "
-        f"{result['model']['params'] / 1e6:.1f}M params; {m['cpu_model']}, {m['affinity_cpus']} cores; "
+        f"{result['model']['params'] / 1e6:.1f}M params; {m['cpu_model']}, usable cores {m['affinity_cpus']}; "
         f"jax {m['jax']}, torch {m['torch']} ({m['torch_threads']} threads); XLA_FLAGS={m['xla_flags']!r}; "
         f"load {m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}",
         markdown_table(result),
