@@ -75,13 +75,7 @@ def convert_wan_vae(src: str | Path, dst: str | Path, *, overwrite: bool = False
     # Stored as the variables dict ({"params": ...}), like a training run's state.params.
     params = convert_wan_vae_state_dict(read_safetensors(src), cfg)
 
-    def fill(out: Path) -> None:
-        checkpoint.save_params(out / "ckpt", params)
-        checkpoint.write_json_atomic(out / VAE_CONFIG_FILE, dataclass_to_json(cfg))
-        checkpoint.write_json_atomic(out / SOURCE_FILE, {"source": str(Path(src).absolute()), "class": "AutoencoderKLWan"})
-
-    _write_atomically(Path(dst), overwrite, fill)
-    return {"dst": str(Path(dst).absolute()), "params": _count(params), "config": cfg}
+    return _export(src, dst, overwrite, params, VAE_CONFIG_FILE, cfg, "AutoencoderKLWan")
 
 
 def convert_wan_dit(
@@ -97,10 +91,18 @@ def convert_wan_dit(
     cfg = dit_config_from_diffusers(config, param_dtype=jnp.dtype(dtype))
     params = {"params": convert_wan_dit_state_dict(read_safetensors(src), cfg)}
 
+    return _export(src, dst, overwrite, params, DIT_CONFIG_FILE, cfg, "WanTransformer3DModel")
+
+
+def _export(
+    src: str | Path, dst: str | Path, overwrite: bool, params: Any, config_file: str, cfg: Any, class_name: str
+) -> dict[str, Any]:
+    """Write params + model config + provenance into DST atomically; returns a summary."""
+
     def fill(out: Path) -> None:
         checkpoint.save_params(out / "ckpt", params)
-        checkpoint.write_json_atomic(out / DIT_CONFIG_FILE, dataclass_to_json(cfg))
-        checkpoint.write_json_atomic(out / SOURCE_FILE, {"source": str(Path(src).absolute()), "class": "WanTransformer3DModel"})
+        checkpoint.write_json_atomic(out / config_file, dataclass_to_json(cfg))
+        checkpoint.write_json_atomic(out / SOURCE_FILE, {"source": str(Path(src).absolute()), "class": class_name})
 
     _write_atomically(Path(dst), overwrite, fill)
     return {"dst": str(Path(dst).absolute()), "params": _count(params), "config": cfg}
