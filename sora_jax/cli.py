@@ -26,27 +26,45 @@ def _parser() -> argparse.ArgumentParser:
         t = sub.add_parser(name, help=helptext, description=helptext + "; override any field with --config.a.b=value")
         t.add_argument("--config", default=default, help=f"config name or file, with optional :arg (default {default})")
 
-    s = sub.add_parser("sample", help="generate videos for prompts from a trained DiT run")
+    s = sub.add_parser("sample", help="generate videos for prompts from a trained DiT run or a converted Wan pipeline",
+                       description="Generate one video per --prompt. --checkpoint is a folder written by "
+                                   "`sora-jax convert wan` (diffusers WanPipeline parity: umT5 prompts, negative "
+                                   "prompt, UniPC/Euler grids) or a DiT training run. Unset options take the "
+                                   "checkpoint's defaults.")
+    s.add_argument("--checkpoint", help="converted Wan folder (pipeline.json) or DiT run directory; overrides --workdir")
     s.add_argument("--workdir", default="runs/dit", help="DiT run directory (has ckpt/ and dit_config.json)")
     s.add_argument("--prompt", action="append", required=True, help="text prompt (repeatable)")
-    s.add_argument("--out", default="outputs")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--negative-prompt", help='prompt for the unguided branch (default: "" for Wan, null text for runs)')
+    s.add_argument("--out", default="outputs", help="folder for sample_<i>.mp4/.gif when --output is not given")
+    s.add_argument("--output", help="write here instead: .npy = float32 [0,1] (frames, H, W, 3), "
+                                    "(prompts, frames, H, W, 3) for several prompts; .mp4/.gif = a video (one prompt)")
+    s.add_argument("--seed", type=int, default=0, help="noise seed (ignored with --latents)")
+    s.add_argument("--latents", help="initial noise .npy in diffusers layout (B, C, T', H', W'), e.g. to match diffusers")
     s.add_argument("--steps", type=int)
-    s.add_argument("--guidance", type=float)
+    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (Wan: <= 1 disables it)")
     s.add_argument("--sampler", "--solver", dest="solver", choices=("euler", "heun", "unipc"),
-                   help="flow solver (default: the run's config)")
-    s.add_argument("--frames", type=int)
-    s.add_argument("--size", type=int)
+                   help="flow solver (default: the checkpoint's scheduler / the run's config)")
+    s.add_argument("--max-sequence-length", type=int, help="text tokens per prompt (Wan only; default 512)")
+    s.add_argument("--frames", type=int, help="video frames, 4k+1")
+    s.add_argument("--size", type=int, help="height and width in pixels")
+    s.add_argument("--height", type=int, help="height in pixels (overrides --size)")
+    s.add_argument("--width", type=int, help="width in pixels (overrides --size)")
 
     c = sub.add_parser("convert", help="convert diffusers Wan2.1 weights (safetensors) to our checkpoint folders")
     csub = c.add_subparsers(dest="kind", required=True)
-    for kind, what in (("wan-vae", "AutoencoderKLWan"), ("wan-dit", "WanTransformer3DModel")):
-        k = csub.add_parser(kind, help=f"diffusers {what} folder -> Orbax checkpoint + config")
-        k.add_argument("src", help=f"diffusers {what} folder (config.json + *.safetensors or a sharded index)")
+    for kind, what in (("wan-vae", "AutoencoderKLWan"), ("wan-dit", "WanTransformer3DModel"), ("wan", "WanPipeline")):
+        k = csub.add_parser(kind, help=f"diffusers {what} folder -> Orbax checkpoint + config"
+                            + (" for each part, tokenizer and pipeline.json (load with sample --checkpoint)"
+                               if kind == "wan" else ""))
+        k.add_argument("src", help=f"diffusers {what} folder" + (
+            " (model_index.json, vae/, transformer/, text_encoder/, tokenizer/, scheduler/)" if kind == "wan"
+            else " (config.json + *.safetensors or a sharded index)"))
         k.add_argument("dst", help="output folder (must be new or empty unless --overwrite)")
         k.add_argument("--overwrite", action="store_true", help="replace an existing DST (swapped in atomically)")
-        if kind == "wan-dit":
-            k.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="stored parameter dtype")
+        if kind != "wan-vae":
+            k.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                           help="stored parameter dtype" + (" of the DiT and text encoder (the VAE stays float32)"
+                                                            if kind == "wan" else ""))
 
     v = sub.add_parser("vae-stats", help="per-channel latent mean/std of a VAE over a dataset, stored in its config")
     v.add_argument("--workdir", default="runs/vae", help="VAE run or converted folder (vae_config.json + ckpt/)")
@@ -98,29 +116,59 @@ def _train(a, extra) -> None:
 
 
 def _sample(a) -> None:
+    import numpy as np
+
     from sora_jax.data.video import write_gif, write_mp4
-    from sora_jax.diffusion.samplers import make_flow_sampler
     from sora_jax.models.text.encoder import check_prompts
-    from sora_jax.pipeline import TextToVideo
+    from sora_jax.pipeline import TextToVideo, noise_from_diffusers, to_unit_range
 
     check_prompts(a.prompt)  # fail before the (slow) model load
-    t2v = TextToVideo.load(a.workdir)
-    s = dict(t2v.defaults["sample"])
-    sampler = make_flow_sampler(a.solver or s["solver"], num_steps=a.steps or s["steps"],
-                                guidance=s["guidance"] if a.guidance is None else a.guidance, shift=s["shift"])
-    videos = t2v.generate(a.prompt, seed=a.seed, frames=a.frames, size=a.size, sampler=sampler)
+    if a.output and Path(a.output).suffix not in (".npy", ".mp4", ".gif"):
+        raise ValueError(f"--output {a.output}: unknown extension; use .npy, .mp4 or .gif")
+    if a.latents and not Path(a.latents).is_file():
+        raise FileNotFoundError(f"--latents {a.latents} not found; pass an .npy of noise in (B, C, T', H', W')")
+    t2v = TextToVideo.from_pretrained(a.checkpoint or a.workdir)
+    size = None
+    if a.height or a.width:
+        default = t2v.defaults["video"]["size"]
+        default = (default, default) if isinstance(default, int) else default
+        size = (a.height or a.size or default[0], a.width or a.size or default[1])
+    size = size or a.size
+    noise = None
+    if a.latents:
+        noise = noise_from_diffusers(np.load(a.latents, allow_pickle=False),
+                                     t2v.latent_shape(len(a.prompt), a.frames, size))
+    videos = t2v.generate(a.prompt, seed=a.seed, frames=a.frames, size=size, noise=noise,
+                          sampler=t2v.make_sampler(a.solver, a.steps, a.guidance),
+                          negative_prompt=a.negative_prompt, max_sequence_length=a.max_sequence_length)
+    fps = t2v.defaults["sample"]["fps"]
+    if a.output and a.output.endswith(".npy"):
+        Path(a.output).absolute().parent.mkdir(parents=True, exist_ok=True)
+        frames = to_unit_range(videos)
+        np.save(a.output, frames[0] if len(frames) == 1 else frames)
+        print(a.output)
+        return
+    if a.output:
+        if len(videos) > 1:
+            raise ValueError(f"--output {a.output} holds one video; use --out DIR or .npy for several prompts")
+        write = write_mp4 if a.output.endswith(".mp4") else write_gif
+        print(write(Path(a.output), videos[0], fps=fps))
+        return
     for i, video in enumerate(videos):
-        print(write_mp4(Path(a.out) / f"sample_{i}.mp4", video, fps=s["fps"]))
-        print(write_gif(Path(a.out) / f"sample_{i}.gif", video, fps=s["fps"], scale=2))
+        print(write_mp4(Path(a.out) / f"sample_{i}.mp4", video, fps=fps))
+        print(write_gif(Path(a.out) / f"sample_{i}.gif", video, fps=fps, scale=2))
 
 
 def _convert(a) -> None:
     from sora_jax.convert.folders import convert_wan_dit, convert_wan_vae
+    from sora_jax.convert.wan_pipeline import convert_wan_pipeline
 
     if a.kind == "wan-vae":
         out = convert_wan_vae(a.src, a.dst, overwrite=a.overwrite)
-    else:
+    elif a.kind == "wan-dit":
         out = convert_wan_dit(a.src, a.dst, dtype=a.dtype, overwrite=a.overwrite)
+    else:
+        out = convert_wan_pipeline(a.src, a.dst, dtype=a.dtype, overwrite=a.overwrite)
     print(f"converted {out['params']:,} parameters from {a.src} into {out['dst']}")
 
 

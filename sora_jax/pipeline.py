@@ -1,4 +1,9 @@
-"""Text-to-video inference: prompt -> text encoder -> jitted flow sampler over the DiT -> VAE decode."""
+"""Text-to-video inference: prompt -> text encoder -> jitted flow sampler over the DiT -> VAE decode.
+
+Two kinds of model folder load: our training runs (`TextToVideo.load`, BERT text encoder) and
+folders written by `sora-jax convert wan` from a diffusers WanPipeline (`from_pretrained`, umT5),
+whose sampling reproduces diffusers' WanPipeline (prompt handling, CFG, scheduler grid, decode).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from sora_jax.convert.bert import load_text_encoder
+from sora_jax.convert.t5 import abstract_t5_params
+from sora_jax.convert.wan_pipeline import PIPELINE_FILE, PIPELINE_KIND, T5_CONFIG_FILE
 from sora_jax.diffusion.samplers import Conditioning, LoopSampler, make_flow_sampler
-from sora_jax.models.text.encoder import check_prompts
+from sora_jax.models.text.encoder import T5TextEncoder, check_prompts
 from sora_jax.models.dit import DiT, DiTConfig, validate_latent_grid
+from sora_jax.models.text.t5 import T5Config
 from sora_jax.models.vae import CausalVAE, denormalize_latents, validate_video_shape
 from sora_jax.models.vae_codec import VideoCodec
 from sora_jax.train import checkpoint
@@ -40,6 +48,35 @@ def _decode(vae: CausalVAE, params, z):
     return VideoCodec(vae, chunked=True).decode_fn(params, denormalize_latents(z, vae.cfg))
 
 
+def _restore_dit(folder: Path, text_len: int) -> tuple[DiTConfig, Any]:
+    """DiT config + params of a run or converted folder (dit_config.json + ckpt/)."""
+    cfg = dataclass_from_json(DiTConfig, checkpoint.read_json(folder / DIT_CONFIG_FILE))
+    # The parameter shapes do not depend on the latent grid: initialise on the smallest one.
+    dummy = (jnp.zeros((1, *cfg.patch_size, cfg.in_channels)), jnp.zeros((1,)),
+             jnp.zeros((1, text_len, cfg.text_dim)), jnp.ones((1, text_len), bool))
+    abstract = jax.eval_shape(lambda: nn.meta.unbox(DiT(cfg).init({"params": jax.random.key(0)}, *dummy)))
+    return cfg, checkpoint.restore_params(folder / "ckpt", on_one_device(abstract))
+
+
+def to_unit_range(videos: np.ndarray) -> np.ndarray:
+    """[-1, 1] videos -> float32 [0, 1], as diffusers' VideoProcessor.postprocess_video(output_type="np")."""
+    return np.clip(np.asarray(videos, np.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def noise_from_diffusers(latents: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
+    """Initial noise in diffusers' layout (B, C, T', H', W') -> ours (B, T', H', W', C), shape checked.
+
+    `expected` is our channels-last latent shape (see `TextToVideo.latent_shape`).
+    """
+    b, t, h, w, c = expected
+    want = (b, c, t, h, w)
+    if tuple(np.shape(latents)) != want:
+        raise ValueError(f"latents have shape {tuple(np.shape(latents))} but {b} prompt(s) at this height/width/frames "
+                         f"need {want} (batch, channels, latent frames, latent height, latent width); "
+                         "match --height/--width/--frames and the prompt count to the noise")
+    return np.transpose(np.asarray(latents, np.float32), (0, 2, 3, 4, 1))
+
+
 @dataclasses.dataclass
 class TextToVideo:
     """A loaded text-to-video model: VAE, DiT and text encoder with their weights."""
@@ -50,24 +87,74 @@ class TextToVideo:
     dit_params: Any
     text_encoder: Any
     defaults: dict
+    kind: str = "run"  # "run": our training run (BERT); "wan": converted diffusers WanPipeline (umT5)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "TextToVideo":
+        """Load a folder written by `sora-jax convert wan`, or else a DiT training run's work directory."""
+        path = Path(path).absolute()
+        if not (path / PIPELINE_FILE).is_file():
+            return cls.load(path)
+        pipe = checkpoint.read_json(path / PIPELINE_FILE)
+        if pipe.get("kind") != PIPELINE_KIND:
+            raise ValueError(f"{path / PIPELINE_FILE} is of kind {pipe.get('kind')!r}; re-run sora-jax convert wan")
+        vae, vae_params = load_vae(path / "vae")
+        text_len = pipe["text_max_length"]
+        dit_cfg, dit_params = _restore_dit(path / "dit", text_len)
+        t5_cfg = dataclass_from_json(T5Config, checkpoint.read_json(path / "text_encoder" / T5_CONFIG_FILE))
+        t5_params = checkpoint.restore_params(path / "text_encoder" / "ckpt", on_one_device(abstract_t5_params(t5_cfg)))
+        text_encoder = T5TextEncoder(t5_cfg, t5_params, path / "tokenizer", max_length=text_len)
+        defaults = {
+            "video": {"frames": pipe["frames"], "size": [pipe["height"], pipe["width"]]},
+            "sample": {k: pipe[k] for k in ("solver", "steps", "guidance", "shift", "fps")},
+            "text_max_length": text_len,
+        }
+        return cls(vae, vae_params, dit_cfg, dit_params, text_encoder, defaults, kind=PIPELINE_KIND)
 
     @classmethod
     def load(cls, dit_workdir: str | Path) -> "TextToVideo":
         """Load a DiT run (and the VAE run it was trained on) from its work directory."""
         dit_workdir = Path(dit_workdir).absolute()
         run = checkpoint.read_json(dit_workdir / RUN_FILE)
-        dit_cfg = dataclass_from_json(DiTConfig, checkpoint.read_json(dit_workdir / DIT_CONFIG_FILE))
         vae, vae_params = load_vae(run["vae_workdir"])
         text_encoder = load_text_encoder(run["text_encoder_dir"] or None, max_length=run["text_max_length"])
-        model = DiT(dit_cfg)
-        t, h, w = run["latent_grid"]
-        dummy = (
-            jnp.zeros((1, t, h, w, dit_cfg.in_channels)), jnp.zeros((1,)),
-            jnp.zeros((1, run["text_max_length"], dit_cfg.text_dim)), jnp.ones((1, run["text_max_length"]), bool),
-        )
-        abstract = jax.eval_shape(lambda: nn.meta.unbox(model.init({"params": jax.random.key(0)}, *dummy)))
-        params = checkpoint.restore_params(dit_workdir / "ckpt", on_one_device(abstract))
+        dit_cfg, params = _restore_dit(dit_workdir, run["text_max_length"])
         return cls(vae, vae_params, dit_cfg, params, text_encoder, run)
+
+    def make_sampler(self, solver: str | None = None, steps: int | None = None, guidance: float | None = None) -> LoopSampler:
+        """The flow sampler of this model's defaults, with any of solver/steps/guidance overridden."""
+        s = self.defaults["sample"]
+        solver = solver or s["solver"]
+        guidance = s["guidance"] if guidance is None else guidance
+        fields: dict[str, Any] = dict(num_steps=steps or s["steps"], shift=s["shift"])
+        if self.kind == PIPELINE_KIND:
+            # diffusers' grids: FlowMatchEulerDiscreteScheduler(shift) for Euler/Heun, UniPC's flow sigmas;
+            # WanPipeline runs without guidance (conditional branch only) whenever guidance <= 1.
+            fields["schedule"] = "diffusers_unipc" if solver == "unipc" else "diffusers_euler"
+            guidance = max(guidance, 1.0)
+        return make_flow_sampler(solver, guidance=guidance, **fields)
+
+    def _size(self, frames: int | None, size: int | Sequence[int] | None) -> tuple[int, int, int]:
+        frames = frames or self.defaults["video"]["frames"]
+        size = size or self.defaults["video"]["size"]
+        height, width = (size, size) if isinstance(size, int) else size
+        return frames, height, width
+
+    def latent_shape(self, batch: int, frames: int | None = None, size: int | Sequence[int] | None = None) -> tuple[int, ...]:
+        """Our channels-last noise shape (B, T', H', W', C) for a video size, validated against VAE and DiT."""
+        frames, height, width = self._size(frames, size)
+        vcfg = self.vae.cfg
+        validate_video_shape(vcfg, frames, height, width)
+        grid = (1 + (frames - 1) // vcfg.temporal_factor, height // vcfg.spatial_factor, width // vcfg.spatial_factor)
+        validate_latent_grid(self.dit_cfg, grid)
+        return (batch, *grid, self.dit_cfg.in_channels)
+
+    def _encode(self, prompts: list[str], max_length: int | None) -> tuple[jax.Array, jax.Array]:
+        if self.kind == PIPELINE_KIND:
+            return self.text_encoder.encode(prompts, max_length)
+        if max_length is not None:
+            raise ValueError("max_sequence_length applies to converted Wan pipelines; a training run keeps its text_max_length")
+        return self.text_encoder.encode(prompts)
 
     def generate(
         self,
@@ -77,22 +164,30 @@ class TextToVideo:
         frames: int | None = None,
         size: int | tuple[int, int] | None = None,
         sampler: LoopSampler | None = None,
+        negative_prompt: str | None = None,
+        noise: np.ndarray | None = None,
+        max_sequence_length: int | None = None,
     ) -> np.ndarray:
-        """Sample one video per prompt; returns float videos in [-1, 1], [B, T, H, W, 3]."""
+        """Sample one video per prompt; returns float videos in [-1, 1], [B, T, H, W, 3].
+
+        `noise` (our layout, `latent_shape`) replaces the noise drawn from `seed`. The unconditional
+        branch encodes `negative_prompt`; without one it is "" for Wan pipelines (as diffusers) and the
+        training runs' null text otherwise.
+        """
         prompts = check_prompts(prompts)
-        frames = frames or self.defaults["video"]["frames"]
-        size = size or self.defaults["video"]["size"]
-        height, width = (size, size) if isinstance(size, int) else size
-        vcfg = self.vae.cfg
-        validate_video_shape(vcfg, frames, height, width)
-        grid = (1 + (frames - 1) // vcfg.temporal_factor, height // vcfg.spatial_factor, width // vcfg.spatial_factor)
-        validate_latent_grid(self.dit_cfg, grid)
+        shape = self.latent_shape(len(prompts), frames, size)
         if sampler is None:
-            s = self.defaults["sample"]
-            sampler = make_flow_sampler(s["solver"], num_steps=s["steps"], guidance=s["guidance"], shift=s["shift"])
-        text, mask = self.text_encoder.encode(prompts)
+            sampler = self.make_sampler()
+        text, mask = self._encode(prompts, max_sequence_length)
         text, mask = jnp.asarray(text), jnp.asarray(mask)
-        n_text, n_mask = null_text(len(prompts), text.shape[1], text.shape[2])
-        noise = jax.random.normal(jax.random.key(seed), (len(prompts), *grid, self.dit_cfg.in_channels))
-        z = sampler(DiTDenoiser(self.dit_cfg), self.dit_params, noise, Conditioning(text, mask, n_text, n_mask))
+        if negative_prompt is not None or self.kind == PIPELINE_KIND:
+            n_text, n_mask = self._encode([negative_prompt or ""] * len(prompts), max_sequence_length)
+        else:
+            n_text, n_mask = null_text(len(prompts), text.shape[1], text.shape[2])
+        if noise is None:
+            noise = jax.random.normal(jax.random.key(seed), shape)
+        elif tuple(np.shape(noise)) != shape:
+            raise ValueError(f"noise has shape {tuple(np.shape(noise))}, expected {shape} (B, T', H', W', C)")
+        z = sampler(DiTDenoiser(self.dit_cfg), self.dit_params, jnp.asarray(noise, jnp.float32),
+                    Conditioning(text, mask, jnp.asarray(n_text), jnp.asarray(n_mask)))
         return np.asarray(_decode(self.vae, self.vae_params, z))
