@@ -17,11 +17,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sora_jax.models.attention import attention
+from sora_jax.models.attention import DEFAULT_KV_BLOCK, DEFAULT_Q_BLOCK, attention
 from sora_jax.models.layers import Dense, LayerNormFP32, RMSNorm, timestep_embedding
 from sora_jax.models.rope import apply_rope, rope_freqs_3d, rope_split
 
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "offload")
+# Backends whose devices have a separate host memory to offload saved activations to.
+_OFFLOAD_PLATFORMS = ("gpu", "tpu")
+# Splash attention's tiles are multiples of the 128-lane TPU vreg.
+_SPLASH_BLOCK_MULTIPLE = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +46,10 @@ class DiTConfig:
     eps: float = 1e-6
     rope_max_seq_len: int = 1024
     attention: str = "xla"
+    # Query/key block sizes of the memory-efficient attention backends (blockwise, ring, ulysses,
+    # splash); the xla/cudnn backends ignore them. Memory per block is O(q_block * kv_block).
+    attention_q_block: int = DEFAULT_Q_BLOCK
+    attention_kv_block: int = DEFAULT_KV_BLOCK
     remat: str = "none"
     scan_layers: bool = True
     dtype: Any = jnp.float32
@@ -52,6 +60,14 @@ class DiTConfig:
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; choose one of {list(REMAT_POLICIES)}")
         rope_split(self.attention_head_dim)
+        for name in ("attention_q_block", "attention_kv_block"):
+            block = getattr(self, name)
+            if not isinstance(block, int) or block <= 0:
+                raise ValueError(f"{name} must be a positive int (e.g. 512), got {block!r}")
+            if self.attention == "splash" and block % _SPLASH_BLOCK_MULTIPLE:
+                raise ValueError(
+                    f"{name}={block} must be a multiple of {_SPLASH_BLOCK_MULTIPLE} for splash attention (TPU tiles)"
+                )
 
     @property
     def hidden_size(self) -> int:
@@ -105,8 +121,22 @@ def validate_latent_grid(cfg: DiTConfig, shape: Sequence[int]) -> tuple[int, int
     return tuple(n // p for n, p in zip(grid, cfg.patch_size))
 
 
-def _remat_policy(name: str) -> Any:
-    """jax.checkpoint policy of a config name ('full' saves nothing, 'dots' saves matmul outputs)."""
+def _remat_policy(name: str, platform: str | None = None) -> Any:
+    """jax.checkpoint policy of a config name on `platform` (default: JAX's default backend).
+
+    'full' saves nothing, 'dots' saves matmul outputs, 'offload' saves them too but in pinned host
+    memory (copied out in the forward, back in the backward): dots' recompute savings at full's
+    device memory, where host memory is separate from the device's (GPU, TPU).
+    """
+    if name == "offload":
+        platform = platform or jax.default_backend()
+        if platform not in _OFFLOAD_PLATFORMS:
+            runnable = [p for p in REMAT_POLICIES if p not in ("offload", "none")]
+            raise ValueError(
+                f"remat='offload' needs a device with its own memory ({'/'.join(_OFFLOAD_PLATFORMS)}); on "
+                f"{platform} activations already live in host memory: use remat in {runnable} (or 'none')"
+            )
+        return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
     return {
         "full": jax.checkpoint_policies.nothing_saveable,
         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -147,7 +177,10 @@ class WanAttention(nn.Module):
         v = nn.with_logical_constraint(v, ("batch", kv_len_name, "act_heads", None))
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention(q, k, v, context_mask, backend=cfg.attention)  # [batch, tokens, heads, head_dim]
+        out = attention(
+            q, k, v, context_mask, backend=cfg.attention, q_block=cfg.attention_q_block,
+            kv_block=cfg.attention_kv_block,
+        )  # [batch, tokens, heads, head_dim]
         out = out.reshape(*out.shape[:2], cfg.hidden_size)
         return dense(cfg.hidden_size, ("heads", "embed"), name="to_out")(out)
 
