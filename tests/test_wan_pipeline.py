@@ -16,6 +16,7 @@ import pytest
 
 from sora_jax.cli import main
 from tests.test_cli import _run_error
+from tests.test_convert import _perturbed
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -48,14 +49,6 @@ def _tokenizer(folder):
     return transformers.T5TokenizerFast.from_pretrained(str(folder), extra_ids=0)
 
 
-def _perturbed(model, seed):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():  # every weight off its init so a mix-up shows
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def wan(tmp_path_factory):
     """(diffusers WanPipeline, its saved folder, our converted folder, initial noise .npy)."""
@@ -65,15 +58,15 @@ def wan(tmp_path_factory):
     vae = _perturbed(diffusers.AutoencoderKLWan(
         base_dim=16, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
         temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
-        latents_std=[2.0, 1.5, 0.8, 1.2]), 1)
+        latents_std=[2.0, 1.5, 0.8, 1.2]))
     transformer = _perturbed(diffusers.WanTransformer3DModel(
         num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4, text_dim=32,
-        freq_dim=32, ffn_dim=64, num_layers=2), 2)
+        freq_dim=32, ffn_dim=64, num_layers=2))
     t5_cfg = transformers.UMT5Config(
         vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
         feed_forward_proj="gated-gelu")
-    text_encoder = _perturbed(transformers.UMT5EncoderModel(t5_cfg), 3)
+    text_encoder = _perturbed(transformers.UMT5EncoderModel(t5_cfg))
     scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                   flow_shift=SHIFT)
     pipe = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
