@@ -180,7 +180,8 @@ class TextToVideo:
             sampler = self.make_sampler()
         text, mask = self._encode(prompts, max_sequence_length)
         text, mask = jnp.asarray(text), jnp.asarray(mask)
-        if negative_prompt is not None or self.kind == PIPELINE_KIND:
+        # An empty negative prompt for a training run means its null text (BERT rejects empty prompts).
+        if negative_prompt or self.kind == PIPELINE_KIND:
             n_text, n_mask = self._encode([negative_prompt or ""] * len(prompts), max_sequence_length)
         else:
             n_text, n_mask = null_text(len(prompts), text.shape[1], text.shape[2])
