@@ -54,6 +54,7 @@ def optim_config(lr: float, warmup: int) -> ml_collections.ConfigDict:
         {
             "lr": lr,
             "warmup_steps": warmup,
+            "decay_steps": 0,  # length of the LR schedule; 0: train.steps
             "min_lr_ratio": 0.1,
             "weight_decay": 0.01,
             "b1": 0.9,
