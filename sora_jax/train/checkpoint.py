@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from sora_jax.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
 
 class CheckpointError(FileNotFoundError):
     """No usable checkpoint where one was required."""
@@ -48,12 +54,67 @@ def make_manager(directory: str | os.PathLike, *, keep: int = 3, async_save: boo
     )
 
 
-def save(manager: ocp.CheckpointManager, state: TrainState, data_iter=None, *, force: bool = False) -> bool:
-    """Save the state (and the data iterator position) at state.step."""
+def save(
+    manager: ocp.CheckpointManager, state: TrainState, data_iter=None, *, rng: jax.Array | None = None,
+    force: bool = False,
+) -> bool:
+    """Save the state, the data iterator position and the training RNG key at state.step."""
     items = {"state": ocp.args.StandardSave(_arrays(state))}
     if data_iter is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    if rng is not None:
+        items["rng"] = ocp.args.StandardSave({"key": jax.random.key_data(rng)})
     return manager.save(int(state.step), args=ocp.args.Composite(**items), force=force)
+
+
+def _with_fallback(manager: ocp.CheckpointManager, load: Callable[[int], Any], *, quarantine: bool) -> tuple[int, Any]:
+    """Run `load(step)` on the newest step that loads, warning about (and moving aside) newer bad ones."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise CheckpointError(f"no checkpoint found in {manager.directory}")
+    bad: list[tuple[int, str]] = []
+    for step in steps:
+        try:
+            out = load(step)
+        except Exception as e:  # noqa: BLE001 - any failure to read a step means "try the previous one"
+            reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            log.warning("checkpoint step %d in %s is unreadable (%s); trying an older step", step, manager.directory, reason)
+            bad.append((step, reason))
+            continue
+        # Only once an older step loaded: if every step fails the cause is more likely the target
+        # (a changed model config) than the files, and nothing should move.
+        if bad and quarantine:
+            _quarantine(manager, [s for s, _ in bad])
+        if bad:
+            log.warning("resumed from checkpoint step %d instead of the unreadable step(s) %s",
+                        step, ", ".join(str(s) for s, _ in bad))
+        return step, out
+    raise CheckpointError(
+        f"no checkpoint in {manager.directory} could be restored ("
+        + "; ".join(f"step {s}: {r}" for s, r in bad)
+        + "); fix or remove them, or start a new --config.workdir"
+    )
+
+
+def _quarantine(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Move unreadable steps out of the manager's directory: kept for inspection, never re-read.
+
+    Left in place they would block saving those step numbers again and count as the latest step.
+    With several processes on a shared filesystem only process 0 moves; TODO(multi-host): add a
+    barrier so the others do not list the directory mid-move.
+    """
+    if jax.process_index() == 0:
+        directory = Path(manager.directory)
+        aside = directory.parent / f"{directory.name}.corrupt"
+        aside.mkdir(exist_ok=True)
+        for step in steps:
+            dst = aside / str(step)
+            n = 1
+            while dst.exists():
+                dst, n = aside / f"{step}.{n}", n + 1
+            shutil.move(str(directory / str(step)), str(dst))
+            log.warning("moved unreadable checkpoint step %d to %s", step, dst)
+    manager.reload()
 
 
 def restore(
@@ -62,29 +123,43 @@ def restore(
     data_iter=None,
     step: int | None = None,
 ) -> TrainState:
-    """Restore into the shardings of `target` (an initialised or abstract state) at `step`/latest."""
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"no checkpoint found in {manager.directory}")
+    """Restore into the shardings of `target` at `step`, or the newest step that loads (older on damage)."""
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _arrays(target)
     )
-    items = {"state": ocp.args.StandardRestore(abstract)}
-    if data_iter is not None:
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-    return _replace(target, restored["state"])
+
+    def load(s: int) -> TrainState:
+        items = {"state": ocp.args.StandardRestore(abstract)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        return _replace(target, manager.restore(s, args=ocp.args.Composite(**items))["state"])
+
+    if step is not None:
+        return load(step)
+    return _with_fallback(manager, load, quarantine=True)[1]
+
+
+def restore_rng(manager: ocp.CheckpointManager, step: int, default: jax.Array) -> jax.Array:
+    """The training RNG key saved at `step`, or `default` for checkpoints saved without one."""
+    if step not in manager.all_steps() or not (Path(manager.directory) / str(step) / "rng").is_dir():
+        return default
+    data = jax.random.key_data(default)
+    restored = manager.restore(step, args=ocp.args.Composite(rng=ocp.args.StandardRestore(
+        {"key": jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=data.sharding)})))
+    return jax.random.wrap_key_data(restored["rng"]["key"], impl=jax.random.key_impl(default))
 
 
 def saved_state_keys(manager: ocp.CheckpointManager, step: int | None = None) -> frozenset[str]:
-    """Top-level entries of the train state saved at `step`/latest (e.g. to spot a "disc")."""
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"no checkpoint found in {manager.directory}")
+    """Top-level entries of the train state saved at `step`/the newest readable step (e.g. a "disc")."""
     # manager.item_metadata knows an item only once this manager has saved/restored it; reading the
     # item's own metadata works for any checkpoint written by `save`.
-    meta = ocp.StandardCheckpointer().metadata(Path(manager.directory) / str(step) / "state")
-    return frozenset(meta.item_metadata.tree.keys())
+    def keys(s: int) -> frozenset[str]:
+        meta = ocp.StandardCheckpointer().metadata(Path(manager.directory) / str(s) / "state")
+        return frozenset(meta.item_metadata.tree.keys())
+
+    if step is not None:
+        return keys(step)
+    return _with_fallback(manager, keys, quarantine=False)[1]
 
 
 def restore_params(directory: str | os.PathLike, abstract_params: Any, *, use_ema: bool = True) -> Any:
@@ -95,24 +170,29 @@ def restore_params(directory: str | os.PathLike, abstract_params: Any, *, use_em
             f"checkpoint directory {path} does not exist; train first or pass the right --workdir"
         )
     manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
-    step = manager.latest_step()
-    if step is None:
+    if manager.latest_step() is None:
         raise CheckpointError(f"no checkpoint found in {path}; train first or pass the right --workdir")
-    key = "ema_params" if use_ema and "ema_params" in saved_state_keys(manager, step) else "params"
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item={key: abstract_params},
-                restore_args=jax.tree.map(
-                    lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), {key: abstract_params}
-                ),
-                partial_restore=True,
-            )
-        ),
-    )
+
+    def load(step: int) -> Any:
+        key = "ema_params" if use_ema and "ema_params" in saved_state_keys(manager, step) else "params"
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={key: abstract_params},
+                    restore_args=jax.tree.map(
+                        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), {key: abstract_params}
+                    ),
+                    partial_restore=True,
+                )
+            ),
+        )
+        return restored["state"][key]
+
+    # Inference never moves files: a damaged newest step is skipped with a warning.
+    params = _with_fallback(manager, load, quarantine=False)[1]
     manager.close()
-    return restored["state"][key]
+    return params
 
 
 def save_params(directory: str | os.PathLike, params: Any, step: int = 0) -> None:

@@ -1,18 +1,81 @@
-"""The step loop shared by VAE and DiT training: steps, logging, checkpoints, time budget."""
+"""The step loop shared by VAE and DiT training: steps, logging, checkpoints, time budget, SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from sora_jax.train import checkpoint
 from sora_jax.train.metrics import MetricLogger
 from sora_jax.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(ValueError):
+    """The loss became NaN/Inf; nothing after the last good checkpoint was saved."""
+
+
+class Preempted(SystemExit):
+    """SIGTERM arrived: the checkpoint at the stopping step is written; exit status 0."""
+
+    def __init__(self, step: int):
+        super().__init__(0)
+        self.step = step
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+    """An Event set by SIGTERM while the loop runs (the previous handler is put back after)."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag  # signal handlers can only be installed from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_agreed(flag: threading.Event) -> bool:
+    """Whether any process got SIGTERM; every process must take the same decision or the saves deadlock."""
+    if jax.process_count() == 1:
+        return flag.is_set()
+    from jax.experimental import multihost_utils
+
+    # One tiny all-gather per step; hosts are preempted at different moments, so a local flag alone
+    # would leave some hosts in the collective save while others run the next step.
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag.is_set()))))
+
+
+# The first step whose loss was not finite (0: none yet), kept on device so checking it is free
+# until it is read at a log or checkpoint boundary, where the loop syncs anyway.
+_first_bad = jax.jit(lambda bad, loss, step: jnp.where((bad == 0) & ~jnp.all(jnp.isfinite(loss)), step, bad))
+
+
+def _check_finite(bad: Any, manager: ocp.CheckpointManager) -> None:
+    """Raise NonFiniteLossError if any loss so far was NaN/Inf."""
+    if bad is None or int(bad) == 0:
+        return
+    manager.wait_until_finished()  # saves in flight are of earlier, finite steps: let them land
+    manager.reload()
+    good = manager.latest_step()
+    where = f"last good checkpoint is step {good} in {manager.directory}" if good is not None else "no checkpoint was saved"
+    raise NonFiniteLossError(
+        f"non-finite loss at step {int(bad)}; {where}; lower optim.lr (or check the data) and resume"
+    )
 
 
 def run_loop(
@@ -29,34 +92,55 @@ def run_loop(
     ckpt_every: int = 0,
     max_minutes: float = 0.0,
 ) -> TrainState:
-    """Run steps until total_steps (or the wall-time budget), checkpointing along the way."""
+    """Run steps until total_steps (or the time budget, or SIGTERM), checkpointing along the way.
+
+    Raises Preempted (exit status 0) after saving on SIGTERM, NonFiniteLossError on a NaN/Inf loss.
+    """
     step = int(state.step)
+    # A resumed run keeps the noise stream it started with, whatever config.seed says now.
+    rng = checkpoint.restore_rng(manager, step, rng) if step else rng
     saved_step = manager.latest_step()
     start = time.perf_counter()
     pending = None
     metrics = None
-    while step < total_steps:
-        batch = to_device(next(data_iter))
-        state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
-        step += 1
-        logger.advance()
-        # Reading metrics of the previous logged step lets the device run ahead by one step.
-        if pending is not None:
-            logger.log(*pending)
-            pending = None
-        if step % log_every == 0 or step == total_steps:
-            pending = (step, metrics)
-        if ckpt_every and step % ckpt_every == 0:
-            checkpoint.save(manager, state, data_iter)
-            saved_step = step
-        if max_minutes and time.perf_counter() - start > 60.0 * max_minutes:
-            break
+    bad = jnp.zeros((), jnp.int32)
+    with _sigterm_flag() as sigterm:
+        while step < total_steps:
+            batch = to_device(next(data_iter))
+            state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
+            step += 1
+            if "loss" in metrics:
+                bad = _first_bad(bad, metrics["loss"], step)
+            logger.advance()
+            # Reading metrics of the previous logged step lets the device run ahead by one step.
+            if pending is not None:
+                _check_finite(pending[2], manager)
+                logger.log(*pending[:2])
+                pending = None
+            if step % log_every == 0 or step == total_steps:
+                pending = (step, metrics, bad)
+            if _stop_agreed(sigterm):
+                _check_finite(bad, manager)
+                if pending is not None:
+                    logger.log(*pending[:2])
+                if saved_step != step:
+                    checkpoint.save(manager, state, data_iter, rng=rng, force=True)
+                manager.wait_until_finished()
+                log.warning("SIGTERM: saved checkpoint step %d in %s; exiting", step, manager.directory)
+                raise Preempted(step)
+            if ckpt_every and step % ckpt_every == 0:
+                _check_finite(bad, manager)  # never save a state that a NaN/Inf went into
+                checkpoint.save(manager, state, data_iter, rng=rng)
+                saved_step = step
+            if max_minutes and time.perf_counter() - start > 60.0 * max_minutes:
+                break
+    _check_finite(bad, manager)
     if pending is not None:
-        logger.log(*pending)
+        logger.log(*pending[:2])
     elif metrics is not None and (not logger.history or logger.history[-1]["step"] != step):
         logger.log(step, metrics)
     if saved_step != step:
-        checkpoint.save(manager, state, data_iter, force=True)
+        checkpoint.save(manager, state, data_iter, rng=rng, force=True)
     manager.wait_until_finished()
     return state
 
@@ -85,11 +169,13 @@ def train_sharded(
         donate_argnums=0,
     )
     logger = MetricLogger(logdir, train_cfg.steps, int(state.step), desc=desc, progress=train_cfg.progress)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = run_loop(
-            state=state, step_fn=step_fn, data_iter=data_iter, to_device=to_device,
-            total_steps=train_cfg.steps, manager=manager, logger=logger, rng=rng,
-            log_every=train_cfg.log_every, ckpt_every=train_cfg.ckpt_every, max_minutes=train_cfg.max_minutes,
-        )
-    logger.close()
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            state = run_loop(
+                state=state, step_fn=step_fn, data_iter=data_iter, to_device=to_device,
+                total_steps=train_cfg.steps, manager=manager, logger=logger, rng=rng,
+                log_every=train_cfg.log_every, ckpt_every=train_cfg.ckpt_every, max_minutes=train_cfg.max_minutes,
+            )
+    finally:
+        logger.close()  # flush TensorBoard on SIGTERM and errors too
     return state, logger

@@ -44,7 +44,12 @@ class TrainState:
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with linear warmup then cosine decay, after global-norm clipping."""
+    """AdamW with linear warmup then cosine decay, after global-norm clipping.
+
+    The schedule spans total_steps unless the config sets optim.decay_steps: fixing it lets a run be
+    stopped early or extended (more train.steps on resume) without changing the learning rates.
+    """
+    total_steps = int(cfg.get("decay_steps", 0) or total_steps)
     warmup = max(1, min(int(cfg.warmup_steps), total_steps - 1)) if total_steps > 1 else 1
     schedule = optax.warmup_cosine_decay_schedule(
         # Starting at peak/warmup rather than 0 keeps the very first update from being a no-op.
