@@ -6,7 +6,7 @@ reads its flags once per process); `--xla-flags=` is the default set.
 
     python scripts/bench_vae.py                                  # small config, 1x17x96x96
     python scripts/bench_vae.py --config wan2.1 --size 256 --repeats 5
-    python scripts/bench_vae.py --variants whole whole+fold_time chunked --conv-breakdown
+    python scripts/bench_vae.py --variants whole whole+xla whole+fold_time chunked --conv-breakdown
     python scripts/bench_vae.py --xla-flags= --xla-flags=--xla_cpu_use_onednn=true
 """
 
@@ -33,8 +33,9 @@ def main() -> None:
     p.add_argument("--fused", action="store_true", help="also time encode+decode as one jitted program")
     p.add_argument("--conv-breakdown", action="store_true", help="estimate the share of time in convs")
     p.add_argument("--variants", nargs="+", default=list(d.variants),
-                   help="JAX variants PATH[+CONV] timed side by side: PATH whole|chunked, CONV fold_time|sum_time "
-                        "(conv lowering prototypes; none = the model as written)")
+                   help="JAX variants PATH[+CONV] timed side by side: PATH whole|chunked; CONV xla|sum_time "
+                        "(the model's 3D-conv lowerings, VAEConfig.conv_impl) or fold_time (a prototype); "
+                        "none = the model as shipped (auto: sum_time on CPU)")
     p.add_argument("--xla-flags", action="append", default=None, metavar="FLAGS",
                    help="repeatable, a fresh process per set: --xla-flags= --xla-flags=--xla_cpu_use_onednn=true")
     p.add_argument("--out", default="bench_vae.json")

@@ -6,9 +6,11 @@ their outputs are compared so that the timings are known to be of equal work. Ti
 JAX and torch call by call (A B A B ...) because the machine is shared: load drifts hit both.
 
 JAX variants are `path[+conv]`: path `whole` (CausalVAE.encode/decode, the clip in one pass) or
-`chunked` (models/vae_codec: diffusers' chunk schedule in a lax.scan); conv `xla` (the model as
-written) or a prototype lowering of its 3D convs (`fold_time`, `sum_time`) applied by rewriting
-the traced program, since the model code is not this module's to change.
+`chunked` (models/vae_codec: diffusers' chunk schedule in a lax.scan). A bare path is the model as
+shipped (`VAEConfig.conv_impl="auto"`: `sum_time` on CPU). `+xla` and `+sum_time` pick the model's
+3D-conv lowering explicitly (`VAEConfig.conv_impl`); `+fold_time` is a prototype lowering (time taps
+concatenated into channels) and `+no_conv` an ablation, both applied by rewriting the traced
+program of the `+xla` model.
 
 XLA flags are read once, when the JAX backend starts, so `run_isolated` measures a flag set in a
 fresh interpreter (with torch timed again there, so each ratio comes from one process).
@@ -70,20 +72,27 @@ class BenchOptions:
             raise ValueError("give at least one JAX variant, e.g. 'whole'")
         for v in self.variants:
             parse_variant(v)
-        if self.conv_breakdown and not any("+" not in v for v in self.variants):
-            raise ValueError("conv_breakdown ablates the model as written: include 'whole' or 'chunked' in variants")
+        if self.conv_breakdown and not any(v.endswith("+xla") for v in self.variants):
+            raise ValueError(
+                "conv_breakdown ablates the model with 3D convs: include 'whole+xla' or 'chunked+xla' in variants"
+            )
 
 
 def parse_variant(variant: str) -> tuple[str, str]:
-    """'chunked+fold_time' -> ('chunked', 'fold_time'); a bare path means the convs as written ('xla')."""
+    """'chunked+fold_time' -> ('chunked', 'fold_time'); a bare path is the model as shipped ('auto')."""
     path, _, conv = variant.partition("+")
-    conv = conv or "xla"
+    conv = conv or "auto"
     if path not in PATHS or conv not in CONV_IMPLS:
         raise ValueError(
             f"unknown JAX variant {variant!r}: use PATH or PATH+CONV with PATH in {list(PATHS)} "
-            f"and CONV in {sorted(set(CONV_IMPLS) - {'xla'})}"
+            f"and CONV in {sorted(set(CONV_IMPLS) - {'auto'})}"
         )
     return path, conv
+
+
+def model_conv_impl(conv: str) -> str:
+    """The `VAEConfig.conv_impl` a variant's model is built with (rewrites start from the 3D convs)."""
+    return conv if conv in MODEL_CONV_IMPLS else "xla"
 
 
 def diffusers_kwargs(name: str) -> dict[str, Any]:
@@ -203,15 +212,6 @@ def _conv3d_fold_time(x: jax.Array, w: jax.Array, params: dict[str, Any]) -> jax
     return _conv2d(x2, w2, params)
 
 
-def _conv3d_sum_time(x: jax.Array, w: jax.Array, params: dict[str, Any]) -> jax.Array:
-    """Sum over time taps of per-frame 2D convs (no kt-times-larger input copy)."""
-    taps = _time_taps(x, w.shape[0], params["window_strides"][0], tuple(params["padding"][0]))
-    out = _conv2d(taps[0], w[0], params)
-    for k in range(1, len(taps)):
-        out = out + _conv2d(taps[k], w[k], params)
-    return out
-
-
 def _no_conv(x: jax.Array, w: jax.Array, params: dict[str, Any], out_aval: Any) -> jax.Array:
     """Ablation stand-in for any conv: the output's shape made of x's own elements, no arithmetic.
 
@@ -236,10 +236,10 @@ def _no_conv(x: jax.Array, w: jax.Array, params: dict[str, Any], out_aval: Any) 
     return (y + jnp.sum(w) * 1e-30).astype(out_aval.dtype)
 
 
+MODEL_CONV_IMPLS = ("auto", "xla", "sum_time")  # VAEConfig.conv_impl values: no rewrite needed
 CONV_IMPLS: dict[str, Callable[..., jax.Array] | None] = {
-    "xla": None,  # the model as written: lax.conv_general_dilated with 3 spatial dims
+    **dict.fromkeys(MODEL_CONV_IMPLS),
     "fold_time": _conv3d_fold_time,
-    "sum_time": _conv3d_sum_time,
     "no_conv": _no_conv,  # ablation, not a model: gives the time spent outside convolutions
 }
 
@@ -288,14 +288,14 @@ def _eval_rewritten(jaxpr: Any, consts: list[Any], args: list[Any], impl: str) -
 
 
 def rewrite_convs(fn: Callable, impl: str) -> Callable:
-    """fn with every channels-last 3D conv lowered by CONV_IMPLS[impl]; fn itself for 'xla'.
+    """fn with every channels-last 3D conv lowered by CONV_IMPLS[impl]; fn itself for the model's own lowerings.
 
     impl 'no_conv' is an ablation, not a model: every conv (2D too) becomes a cheap stand-in of
     the same shape, so timing it gives the time spent outside convolutions.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown conv impl {impl!r}; choose one of {sorted(CONV_IMPLS)}")
-    if impl == "xla":
+    if CONV_IMPLS[impl] is None:
         return fn
 
     def wrapped(*args: Any) -> Any:
@@ -388,7 +388,6 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
     torch.set_num_threads(opts.threads or default_threads())
     machine = machine_info()  # before the work, so its load average says what the run started in
     ref, cfg, params = build_pair(opts.config, opts.seed)
-    model = CausalVAE(cfg)
 
     gen = torch.Generator().manual_seed(opts.seed + 1)
     x_t = torch.rand(opts.batch, 3, opts.frames, opts.size, opts.size, generator=gen) * 2 - 1
@@ -411,13 +410,13 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
             return ref.decode(z_t).sample
 
     ops = ["encode", "decode"] + (["encode_decode"] if opts.fused else [])
-    ablations = [f"{p}+no_conv" for p in PATHS if p in opts.variants] if opts.conv_breakdown else []
+    ablations = [f"{p}+no_conv" for p in PATHS if f"{p}+xla" in opts.variants] if opts.conv_breakdown else []
     compiled: dict[str, Any] = {}
     compile_info: dict[str, Any] = {}
     agreement: dict[str, Any] = {}
     for variant in (*opts.variants, *ablations):
         path, conv = parse_variant(variant)
-        fns = _jax_ops(model, path, cfg.dtype)
+        fns = _jax_ops(CausalVAE(dataclasses.replace(cfg, conv_impl=model_conv_impl(conv))), path, cfg.dtype)
         for op in ops if conv != "no_conv" else ["encode", "decode"]:
             arg = z_j if op == "decode" else x_j
             c, compile_info[_key(op, variant)] = _compile(rewrite_convs(fns[op], conv), params, arg)
@@ -463,8 +462,8 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
         }
     if opts.conv_breakdown:
         share = {
-            _key(op, path): 1.0 - med(_key(op, f"{path}+no_conv")) / med(_key(op, path))
-            for path in PATHS if path in opts.variants for op in ("encode", "decode")
+            _key(op, f"{path}+xla"): 1.0 - med(_key(op, f"{path}+no_conv")) / med(_key(op, f"{path}+xla"))
+            for path in PATHS if f"{path}+xla" in opts.variants for op in ("encode", "decode")
         }
         share["torch_encode"] = _torch_conv_share(torch_encode)
         share["torch_decode"] = _torch_conv_share(torch_decode)
