@@ -240,6 +240,7 @@ def resume_chain(tiny_runs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     t = _Trainer(root, root / "vae", next((root / "dit").glob("latents-*.npz")), tmp)
     out = {"trainer": t}
+    start = time.monotonic()
 
     killed = t.start("run", steps=1000)  # far more steps than it gets to run: killed mid-training
     t.wait_for_step(killed, "run", N)
@@ -260,6 +261,7 @@ def resume_chain(tiny_runs, tmp_path_factory):
     out["final_rc"], out["final_err"] = _run(final)
     out["straight_rc"], out["straight_err"] = _run(straight)
     out["total"] = total
+    print(f"resume chain: {time.monotonic() - start:.0f} s")
     return out
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from sora_jax.train.state import TrainState
@@ -146,7 +147,9 @@ def restore_rng(manager: ocp.CheckpointManager, step: int, default: jax.Array) -
     data = jax.random.key_data(default)
     restored = manager.restore(step, args=ocp.args.Composite(rng=ocp.args.StandardRestore(
         {"key": jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=data.sharding)})))
-    return jax.random.wrap_key_data(restored["rng"]["key"], impl=jax.random.key_impl(default))
+    # Rewrapped from host memory: uncommitted like a fresh key, so the step compiles (and caches) the same.
+    key = np.asarray(restored["rng"]["key"])
+    return jax.random.wrap_key_data(key, impl=jax.random.key_impl(default))
 
 
 def saved_state_keys(manager: ocp.CheckpointManager, step: int | None = None) -> frozenset[str]:

@@ -64,15 +64,22 @@ def dit_config_from(config: ml_collections.ConfigDict, *, channels: int, text_di
     return dit_config(config.variant, in_channels=channels, out_channels=channels, text_dim=text_dim, **overrides)
 
 
-def _latent_cache(config, workdir: Path, vae, vae_params, text_encoder) -> LatentCache:
-    sources = physics_sources(config)
+def _latent_cache(config, workdir: Path) -> LatentCache:
     d = config.data
+    vae_config = Path(config.vae_workdir).absolute() / "vae_config.json"
+    if not vae_config.is_file():
+        raise checkpoint.CheckpointError(
+            f"{vae_config} not found; train the VAE first or pass the right --config.vae_workdir")
     key = cache_key(d.size, d.frames, d.num_train, d.seed, str(Path(config.vae_workdir).absolute()),
-                    (Path(config.vae_workdir).absolute() / "vae_config.json").read_text(),
+                    vae_config.read_text(),
                     config.text.encoder_dir, config.text.max_length)
     path = workdir / f"latents-{key}.npz"
     if path.exists():
         return LatentCache.load(path)
+    # Data, VAE and text encoder are loaded only to build the cache: a resumed run starts faster.
+    sources = physics_sources(config)
+    vae, vae_params = load_vae(config.vae_workdir)
+    text_encoder = load_text_encoder(config.text.encoder_dir or None, max_length=config.text.max_length)
     cache = build_latent_cache(sources["train"], vae, vae_params, text_encoder)
     workdir.mkdir(parents=True, exist_ok=True)
     cache.save(path)
@@ -84,9 +91,7 @@ def train_dit(config: ml_collections.ConfigDict) -> dict[str, Any]:
     workdir = Path(config.workdir).absolute()
     mesh, rules = mesh_and_rules(config)
     local_batch = per_process_batch(config.data.batch_size, mesh)
-    vae, vae_params = load_vae(config.vae_workdir)
-    text_encoder = load_text_encoder(config.text.encoder_dir or None, max_length=config.text.max_length)
-    cache = _latent_cache(config, workdir, vae, vae_params, text_encoder)
+    cache = _latent_cache(config, workdir)
     grid = cache.latents.shape[1:4]
     dit_cfg = dit_config_from(config, channels=cache.latents.shape[-1], text_dim=cache.text.shape[-1])
     validate_latent_grid(dit_cfg, grid)
