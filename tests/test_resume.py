@@ -98,6 +98,27 @@ def test_keeps_last_n_and_saves_asynchronously(tmp_path):
     manager.close()
 
 
+def test_restore_onto_a_different_device_count(tmp_path):
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    def on(state, devices):
+        mesh = Mesh(np.array(devices), ("x",))
+        return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P("x") if a.ndim == 2 else P())), state)
+
+    saved = on(_toy_state(seed=3), jax.devices()[:4]).replace(step=jnp.asarray(7, jnp.int32))
+    manager = checkpoint.make_manager(tmp_path / "ckpt")
+    checkpoint.save(manager, saved, force=True)
+    manager.wait_until_finished()
+    for devices in (jax.devices(), jax.devices()[:1]):  # 4 devices -> 8, and -> 1
+        target = on(_toy_state(seed=4), devices)
+        restored = checkpoint.restore(checkpoint.make_manager(tmp_path / "ckpt"), target)
+        assert int(restored.step) == 7
+        for a, b, t in zip(jax.tree.leaves(saved), jax.tree.leaves(restored), jax.tree.leaves(target)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            assert b.sharding == t.sharding
+
+
 @pytest.mark.parametrize("damage", [_truncate_data_file, _delete_metadata, _garble_metadata,
                                     _garble_data_iterator_state])
 def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, caplog, damage):
@@ -295,3 +316,17 @@ def test_damaged_checkpoint_is_skipped_by_the_resumed_trainer(resume_chain):
     assert (t.tmp / "run" / "ckpt.corrupt" / str(s)).is_dir()  # moved aside, not deleted
     # keep=3 still holds: the damaged step does not count, the newest three good ones remain.
     assert _steps(t.ckpt("run")) == [c["total"] - 2, c["total"] - 1, c["total"]]
+
+
+def test_non_finite_loss_is_one_line_and_nonzero_exit_from_the_cli(tmp_path, capsys, monkeypatch):
+    import sora_jax.train.dit_trainer as dit_trainer
+    from sora_jax.cli import main
+
+    def diverge(config):
+        _toy_run(tmp_path, 6, data=_toy_data([1.0, 1.0, float("inf"), 1.0, 1.0, 1.0]))
+
+    monkeypatch.setattr(dit_trainer, "train_dit", diverge)
+    assert main(["train", f"--config.workdir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"sora-jax train: error: non-finite loss at step 3; last good checkpoint is step 2 in \S+; "
+                        r"lower optim.lr \(or check the data\) and resume", err), err
