@@ -7,6 +7,7 @@ the same run) and writes JSON. `--memory` adds the compiled peak memory of an S 
     python scripts/bench_dit.py                      # config S, batch 4 x 256 tokens, ~3 min
     python scripts/bench_dit.py --memory             # + compiled memory at 4k/16k/64k tokens
     python scripts/bench_dit.py --memory-only --tokens 4096 16384 65536
+    python scripts/bench_dit.py --profile --xla-flags= --xla-flags=--xla_cpu_use_onednn=true   # JAX only
 """
 
 import argparse
@@ -31,14 +32,26 @@ def main() -> None:
     p.add_argument("--memory", action="store_true", help="also the compiled train-step memory sweep")
     p.add_argument("--memory-only", action="store_true", help="only the memory sweep")
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536], help="memory sweep sizes")
+    p.add_argument("--profile", action="store_true",
+                   help="JAX train step only, profiled by thunk category; one fresh process per --xla-flags")
+    p.add_argument("--xla-flags", action="append", default=None, metavar="FLAGS", help="repeatable, with --profile")
     p.add_argument("--out", default="bench_dit.json")
     a = p.parse_args()
     result = {}
-    if not a.memory_only:
+    opts = BenchOptions(num_layers=a.layers, grid=tuple(a.grid), batch=a.batch, text_len=a.text_len,
+                        repeats=a.repeats, warmup=a.warmup, threads=a.threads)
+    if a.profile:
+        import tempfile
+
+        from sora_jax.bench.dit_speed import format_profiles, run_isolated_profile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            result["profile"] = [run_isolated_profile(opts, f, os.path.join(tmp, str(i)))
+                                 for i, f in enumerate(a.xla_flags or [""])]
+        print(format_profiles(result["profile"]))
+    elif not a.memory_only:
         from sora_jax.bench.dit_speed import format_report, run_benchmark
 
-        opts = BenchOptions(num_layers=a.layers, grid=tuple(a.grid), batch=a.batch, text_len=a.text_len,
-                            repeats=a.repeats, warmup=a.warmup, threads=a.threads)
         result["speed"] = run_benchmark(opts)
         print(format_report(result["speed"]))
     if a.memory or a.memory_only:

@@ -70,3 +70,14 @@ def test_bad_options_raise():
     with pytest.raises(ValueError, match="not 16 frames x a square"):
         grid_for_tokens(5000)
     assert grid_for_tokens(65536) == (16, 128, 128)
+
+
+def test_profile_categories():
+    from sora_jax.bench.dit_speed import _category
+
+    assert _category("ynn_fusion.78") == "matmul (YNNPACK fusion)"
+    assert _category("dot.220") == "matmul (XLA dot)"
+    assert _category("dynamic-slice_bitcast_fusion.15") == "scan slicing (dynamic-slice/update)"
+    assert _category("transpose_copy_fusion.8") == "copy / transpose"
+    assert _category("while.3") is None and _category("ThunkExecutor::Execute") is None
+    assert _category("add_multiply_fusion.2") == "other fusions (elementwise)"

@@ -14,9 +14,13 @@ the best float32 matmul rate measured in the same run (JAX and torch both tried,
 from __future__ import annotations
 
 import dataclasses
+import glob
+import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
@@ -24,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sora_jax.bench.vae_speed import default_threads, machine_info
+# the VAE benchmark's timing helpers: the same A B A B rounds and summary fields in both JSONs
+from sora_jax.bench.vae_speed import _interleaved, _summary, default_threads, machine_info
 from sora_jax.models.dit import DiT, DiTConfig
 
 
@@ -153,22 +158,6 @@ def jax_fns(cfg: DiTConfig, lr: float, weight_decay: float) -> dict[str, Callabl
 
 
 # --------------------------------------------------------------------------- measuring
-
-
-def _summary(times: list[float]) -> dict[str, Any]:
-    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
-
-
-def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Wall time of each fn per round, fns alternating within a round; warm-up rounds dropped."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(warmup + repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if r >= warmup:
-                times[k].append(time.perf_counter() - t0)
-    return times
 
 
 def _rel_diff(ours: Any, theirs: Any) -> dict[str, float]:
@@ -314,4 +303,115 @@ def format_report(r: dict[str, Any]) -> str:
         f"{a['forward']['rel']:.1e}, grads rel {a['grads']['rel']:.1e}, loss jax {a['loss']['jax']:.6f} "
         f"torch {a['loss']['torch']:.6f}"
     )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- where XLA:CPU spends a step
+
+# Thunk names -> what they do; first match wins. Containers (loops, the executor) hold other
+# thunks' time, so they are left out of the sums.
+_CONTAINERS = ("while", "conditional", "call", "ThunkExecutor", "SlinkyThreadPool", "$")
+_CATEGORIES = (
+    ("matmul (YNNPACK fusion)", ("ynn_fusion",)),
+    ("matmul (XLA dot)", ("dot", "convolution")),
+    ("scan slicing (dynamic-slice/update)", ("dynamic-slice", "dynamic-update-slice", "dynamic_slice",
+                                             "dynamic_update_slice")),
+    ("copy / transpose", ("copy", "transpose")),
+    ("broadcast", ("broadcast",)),
+    ("reduce", ("reduce",)),
+)
+
+
+def _category(name: str) -> str | None:
+    """Cost category of one profiler event name; None for containers."""
+    if name.startswith(_CONTAINERS):
+        return None
+    for label, keys in _CATEGORIES:
+        if any(k in name for k in keys):
+            return label
+    return "other fusions (elementwise)"
+
+
+def jax_step_profile(opts: BenchOptions, trace_dir: str) -> dict[str, Any]:
+    """JAX train step alone: median time over opts.repeats, and one profiled step's thunk time by category."""
+    import flax.linen as nn
+
+    from sora_jax.models.dit import dit_config
+
+    cfg = dit_config("S", num_layers=opts.num_layers, num_attention_heads=opts.num_attention_heads,
+                     attention_head_dim=opts.attention_head_dim, ffn_dim=opts.ffn_dim, text_dim=opts.text_dim,
+                     in_channels=opts.channels, out_channels=opts.channels)
+    fns = jax_fns(cfg, opts.lr, opts.weight_decay)
+    batch = {k: jnp.asarray(v) for k, v in make_inputs(opts, cfg).items()}
+    small = (batch["latents"][:1, :1, :2, :2], batch["timesteps"][:1], batch["text"][:1, :1])
+    params = nn.unbox(DiT(cfg).init(jax.random.key(opts.seed), *small)["params"])
+    holder = {"state": (params, fns["init_opt"](params))}
+    step = jax.jit(fns["step"], donate_argnums=0).lower(holder["state"], batch).compile()
+
+    def run() -> None:
+        holder["state"], loss = step(holder["state"], batch)
+        jax.block_until_ready(loss)
+
+    times = _interleaved({"step": run}, opts.repeats, opts.warmup)["step"]
+    jax.profiler.start_trace(trace_dir)
+    t0 = time.perf_counter()
+    run()
+    wall = time.perf_counter() - t0
+    jax.profiler.stop_trace()
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
+    by_cat: dict[str, float] = {}
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_XLAEigen"):  # XLA:CPU's worker threads run the thunks
+                continue
+            for ev in line.events:
+                cat = _category(ev.name)
+                if cat is not None:
+                    by_cat[cat] = by_cat.get(cat, 0.0) + ev.duration_ns * 1e-9
+    busy = sum(by_cat.values())
+    return {
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "step": _summary(times),
+        "profiled_step_s": wall,
+        # thread-seconds per category (summed over XLA's worker threads) and their share of the sum
+        "thunk_s": by_cat,
+        "thunk_share": {k: v / busy for k, v in by_cat.items()} if busy else {},
+        "gflops": dit_flops(cfg, opts.batch, opts.tokens, opts.text_len)["train_step"] / statistics.median(times) / 1e9,
+        "loadavg_end": list(os.getloadavg()),
+    }
+
+
+def run_isolated_profile(opts: BenchOptions, xla_flags: str, trace_dir: str, timeout: float | None = 900) -> dict[str, Any]:
+    """`jax_step_profile` in a fresh interpreter whose XLA starts with these extra flags."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    code = (
+        "import json, sys\n"
+        "from sora_jax.bench.dit_speed import BenchOptions, jax_step_profile\n"
+        "r = jax_step_profile(BenchOptions(**json.loads(sys.argv[1])), sys.argv[2])\n"
+        "sys.stdout.write('\\n@@RESULT@@' + json.dumps(r))\n"
+    )
+    load = list(os.getloadavg())
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(opts)), trace_dir],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or "@@RESULT@@" not in proc.stdout:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"xla_flags": xla_flags, "error": " | ".join(tail) or f"exit code {proc.returncode}"}
+    return {**json.loads(proc.stdout.rsplit("@@RESULT@@", 1)[1]), "loadavg_start": load}
+
+
+def format_profiles(results: list[dict[str, Any]]) -> str:
+    """One line per flag set: step median (min), GFLOP/s, load, and the thunk-time shares."""
+    lines = []
+    for r in results:
+        if "error" in r:
+            lines.append(f"XLA_FLAGS={r['xla_flags']!r}: failed: {r['error']}")
+            continue
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in sorted(r["thunk_share"].items(), key=lambda kv: -kv[1]))
+        lines.append(
+            f"XLA_FLAGS={r['xla_flags']!r}: JAX step {r['step']['median_s']:.2f} s ({r['step']['min_s']:.2f}), "
+            f"{r['gflops']:.1f} GFLOP/s, load {r['loadavg_start'][0]:.1f} -> {r['loadavg_end'][0]:.1f}; "
+            f"thunk time: {shares}"
+        )
     return "\n".join(lines)
