@@ -84,6 +84,10 @@ def _garble_data_iterator_state(step_dir: Path):
     next((step_dir / "data").glob("process_*.json")).write_text("garbage")
 
 
+def _delete_rng_key(step_dir: Path):
+    shutil.rmtree(step_dir / "rng" / "d")
+
+
 def test_keeps_last_n_and_saves_asynchronously(tmp_path):
     manager = checkpoint.make_manager(tmp_path / "ckpt", keep=2)
     state = _toy_state()
@@ -120,7 +124,7 @@ def test_restore_onto_a_different_device_count(tmp_path):
 
 
 @pytest.mark.parametrize("damage", [_truncate_data_file, _delete_metadata, _garble_metadata,
-                                    _garble_data_iterator_state])
+                                    _garble_data_iterator_state, _delete_rng_key])
 def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, caplog, damage):
     _saved(tmp_path)
     damage(tmp_path / "ckpt" / "3")

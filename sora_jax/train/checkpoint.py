@@ -133,7 +133,9 @@ def restore(
         items = {"state": ocp.args.StandardRestore(abstract)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        return _replace(target, manager.restore(s, args=ocp.args.Composite(**items))["state"])
+        state = _replace(target, manager.restore(s, args=ocp.args.Composite(**items))["state"])
+        restore_rng(manager, s, jax.random.key(0))  # read here too: a damaged key also means "older step"
+        return state
 
     if step is not None:
         return load(step)
