@@ -27,7 +27,10 @@ def test_benchmark_smoke():
     assert set(r["jax_over_torch"]) == {"train_step", "forward"}
     for key in ("jax_train_step", "torch_train_step", "jax_forward", "torch_forward"):
         assert r["mfu"][key]["gflops"] > 0 and r["mfu"][key]["pct_of_peak"] > 0, key
+        assert r["mfu"][key]["gflops_best"] >= r["mfu"][key]["gflops"], key
     assert min(r["matmul_peak_gflops"].values()) > 0
+    assert len(r["timings"]["jax_matmul"]["times_s"]) == 2  # one per round, train and forward rounds
+    assert set(r["jax_over_torch_paired"]) == {"train_step", "forward"}
     for key in ("os_cpu_count", "torch_threads", "jax", "torch", "diffusers", "loadavg_start", "loadavg_end"):
         assert r["machine"][key] is not None, key
     assert r["model"]["tokens"] == 4
