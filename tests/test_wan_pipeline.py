@@ -7,7 +7,6 @@ the same noise; the decoded frames ([0, 1]) must agree within ATOL.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 
@@ -16,7 +15,6 @@ import pytest
 
 from sora_jax.cli import main
 from tests.test_cli import _run_error
-from tests.test_convert import _perturbed
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -31,49 +29,13 @@ STEPS = 3
 GUIDANCE = 4.0
 MAX_LEN = 16
 PROMPT = "two balls,  red and blue; the red ball &amp; falls"
-SENTENCES = [
-    "two balls, red and blue; the red ball falls", "a blue ball bounces off the wall",
-    "three balls roll to the left", "the green ball rests on the floor", "a small red ball jumps high",
-    "balls collide and scatter across the table", "one ball: cyan; it moves right slowly",
-]
-
-
-def _tokenizer(folder):
-    """A T5 tokenizer over a tiny SentencePiece unigram model (T5 ids: pad 0, eos 1, unk 2)."""
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(SENTENCES * 4), model_writer=buf, vocab_size=120, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
-    folder.mkdir()
-    (folder / "spiece.model").write_bytes(buf.getvalue())
-    return transformers.T5TokenizerFast.from_pretrained(str(folder), extra_ids=0)
-
-
 @pytest.fixture(scope="module")
 def wan(tmp_path_factory):
     """(diffusers WanPipeline, its saved folder, our converted folder, initial noise .npy)."""
+    from sora_jax.bench.wan_tiny import save_wan_pipeline
+
     root = tmp_path_factory.mktemp("wan_pipeline")
-    tokenizer = _tokenizer(root / "spm")
-    torch.manual_seed(0)
-    vae = _perturbed(diffusers.AutoencoderKLWan(
-        base_dim=16, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
-        temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
-        latents_std=[2.0, 1.5, 0.8, 1.2]))
-    transformer = _perturbed(diffusers.WanTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4, text_dim=32,
-        freq_dim=32, ffn_dim=64, num_layers=2))
-    t5_cfg = transformers.UMT5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
-        feed_forward_proj="gated-gelu")
-    text_encoder = _perturbed(transformers.UMT5EncoderModel(t5_cfg))
-    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                                  flow_shift=SHIFT)
-    pipe = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-                                 transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    src = root / "diffusers"
-    pipe.save_pretrained(src)
+    pipe, src = save_wan_pipeline("tiny", root, shift=SHIFT)
     dst = root / "converted"
     assert main(["convert", "wan", str(src), str(dst)]) == 0
     noise = np.random.default_rng(0).standard_normal((1, 4, 2, H // 8, W // 8)).astype(np.float32)
