@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from jax import lax
 
-from sora_jax.bench.vae_speed import BenchOptions, format_report, markdown_table, rewrite_convs
+from sora_jax.bench.vae_speed import (
+    BenchOptions,
+    format_report,
+    markdown_table,
+    rewrite_convs,
+    run_in_fresh_process,
+)
+from tests.test_vae import CONV3D_CASES
 
 
 def test_benchmark_smoke():
@@ -32,15 +39,7 @@ def test_benchmark_smoke():
 
 
 @pytest.mark.parametrize("impl", ["fold_time"])
-@pytest.mark.parametrize(
-    "kernel, strides, padding",
-    [
-        ((3, 3, 3), (1, 1, 1), ((2, 0), (1, 1), (1, 1))),  # causal 3x3x3
-        ((3, 1, 1), (2, 1, 1), ((0, 0), (0, 0), (0, 0))),  # temporal downsample
-        ((3, 1, 1), (1, 1, 1), ((2, 0), (0, 0), (0, 0))),  # temporal upsample
-        ((1, 1, 1), (1, 1, 1), ((0, 0), (0, 0), (0, 0))),  # shortcut
-    ],
-)
+@pytest.mark.parametrize("kernel, strides, padding", CONV3D_CASES[:4])  # the VAE's own conv kinds
 def test_conv_rewrites_match_xla(impl, kernel, strides, padding):
     kx, kw = jax.random.split(jax.random.PRNGKey(0))
     x = jax.random.normal(kx, (2, 7, 6, 5, 4))
@@ -64,3 +63,9 @@ def test_bad_options_raise():
         BenchOptions(variants=("whole+cudnn",))
     with pytest.raises(ValueError, match="include 'whole\\+xla' or 'chunked\\+xla'"):
         BenchOptions(variants=("whole", "whole+fold_time"), conv_breakdown=True)
+
+
+def test_fresh_process_runner_returns_result_or_error():
+    assert run_in_fresh_process("os.path:join", ["a", "b"]) == "a/b"
+    r = run_in_fresh_process("os.path:no_such_function", [], xla_flags="--xla_dump_to=/dev/null")
+    assert r["xla_flags"] == "--xla_dump_to=/dev/null" and "no_such_function" in r["error"]

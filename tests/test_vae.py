@@ -110,16 +110,17 @@ def test_chunked_codec_equals_whole_clip(vae):
     np.testing.assert_allclose(np.asarray(codec.decode(params, z)), np.asarray(dec(params, z)), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize(
-    "kernel, strides, padding",
-    [
-        ((3, 3, 3), (1, 1, 1), ((2, 0), (1, 1), (1, 1))),  # causal 3x3x3
-        ((3, 1, 1), (2, 1, 1), ((0, 0), (0, 0), (0, 0))),  # temporal downsample
-        ((3, 1, 1), (1, 1, 1), ((2, 0), (0, 0), (0, 0))),  # temporal upsample
-        ((1, 1, 1), (1, 1, 1), ((0, 0), (0, 0), (0, 0))),  # shortcut
-        ((3, 4, 4), (2, 2, 2), ((1, 1), (1, 2), (0, 1))),  # strided on every axis, both-sided pads
-    ],
-)
+# (kernel, strides, padding) of every 3D conv kind in the VAE, plus a general strided one
+CONV3D_CASES = [
+    ((3, 3, 3), (1, 1, 1), ((2, 0), (1, 1), (1, 1))),  # causal 3x3x3
+    ((3, 1, 1), (2, 1, 1), ((0, 0), (0, 0), (0, 0))),  # temporal downsample
+    ((3, 1, 1), (1, 1, 1), ((2, 0), (0, 0), (0, 0))),  # temporal upsample
+    ((1, 1, 1), (1, 1, 1), ((0, 0), (0, 0), (0, 0))),  # shortcut
+    ((3, 4, 4), (2, 2, 2), ((1, 1), (1, 2), (0, 1))),  # strided on every axis, both-sided pads
+]
+
+
+@pytest.mark.parametrize("kernel, strides, padding", CONV3D_CASES)
 def test_sum_time_lowering_equals_3d_conv(kernel, strides, padding):
     from jax import lax
 

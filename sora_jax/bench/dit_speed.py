@@ -19,8 +19,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any, Callable
 
@@ -29,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 # the VAE benchmark's timing helpers: the same A B A B rounds and summary fields in both JSONs
-from sora_jax.bench.vae_speed import _interleaved, _summary, default_threads, machine_info
+from sora_jax.bench.vae_speed import _interleaved, _summary, default_threads, machine_info, run_in_fresh_process
 from sora_jax.models.dit import DiT, DiTConfig
 
 
@@ -399,24 +397,19 @@ def jax_step_profile(opts: BenchOptions, trace_dir: str) -> dict[str, Any]:
     }
 
 
+def profile_from_json(opts_json: str, trace_dir: str) -> dict[str, Any]:
+    """`jax_step_profile` of JSON-encoded options (the entry point `run_isolated_profile` starts)."""
+    return jax_step_profile(BenchOptions(**json.loads(opts_json)), trace_dir)
+
+
 def run_isolated_profile(opts: BenchOptions, xla_flags: str, trace_dir: str, timeout: float | None = 900) -> dict[str, Any]:
     """`jax_step_profile` in a fresh interpreter whose XLA starts with these extra flags."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    code = (
-        "import json, sys\n"
-        "from sora_jax.bench.dit_speed import BenchOptions, jax_step_profile\n"
-        "r = jax_step_profile(BenchOptions(**json.loads(sys.argv[1])), sys.argv[2])\n"
-        "sys.stdout.write('\\n@@RESULT@@' + json.dumps(r))\n"
-    )
     load = list(os.getloadavg())
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(opts)), trace_dir],
-                          env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0 or "@@RESULT@@" not in proc.stdout:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"xla_flags": xla_flags, "error": " | ".join(tail) or f"exit code {proc.returncode}"}
-    return {**json.loads(proc.stdout.rsplit("@@RESULT@@", 1)[1]), "loadavg_start": load}
+    r = run_in_fresh_process(
+        "sora_jax.bench.dit_speed:profile_from_json", [json.dumps(dataclasses.asdict(opts)), trace_dir],
+        xla_flags, timeout,
+    )
+    return r if "error" in r else {**r, "loadavg_start": load}
 
 
 def format_profiles(results: list[dict[str, Any]]) -> str:

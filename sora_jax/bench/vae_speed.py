@@ -472,25 +472,43 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
     return result
 
 
-def run_isolated(opts: BenchOptions, xla_flags: str = "", timeout: float | None = None) -> dict[str, Any]:
-    """`run_benchmark` in a fresh Python whose JAX backend starts with these extra XLA flags."""
+def run_in_fresh_process(
+    target: str, args: list[str], xla_flags: str = "", timeout: float | None = None
+) -> dict[str, Any]:
+    """Call `module:function(*args)` (returning a JSON-able dict) in a fresh Python with extra XLA flags.
+
+    XLA reads its flags once, when the backend starts, so a flag set needs its own process. A
+    failure comes back as {"xla_flags", "error": last lines of output} so a sweep goes on.
+    """
+    module, func = target.split(":")
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
     env.setdefault("JAX_PLATFORMS", "cpu")
     code = (
         "import json, sys\n"
-        "from sora_jax.bench.vae_speed import BenchOptions, run_benchmark\n"
-        "r = run_benchmark(BenchOptions(**json.loads(sys.argv[1])))\n"
+        f"from {module} import {func}\n"
+        f"r = {func}(*sys.argv[1:])\n"
         "sys.stdout.write('\\n@@RESULT@@' + json.dumps(r))\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(dataclasses.asdict(opts))],
-        env=env, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=timeout
     )
     if proc.returncode != 0 or "@@RESULT@@" not in proc.stdout:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"xla_flags": xla_flags, "error": " | ".join(tail) or f"exit code {proc.returncode}"}
     return json.loads(proc.stdout.rsplit("@@RESULT@@", 1)[1])
+
+
+def run_from_json(opts_json: str) -> dict[str, Any]:
+    """`run_benchmark` of JSON-encoded options (the entry point `run_isolated` starts)."""
+    return run_benchmark(BenchOptions(**json.loads(opts_json)))
+
+
+def run_isolated(opts: BenchOptions, xla_flags: str = "", timeout: float | None = None) -> dict[str, Any]:
+    """`run_benchmark` in a fresh Python whose JAX backend starts with these extra XLA flags."""
+    return run_in_fresh_process(
+        "sora_jax.bench.vae_speed:run_from_json", [json.dumps(dataclasses.asdict(opts))], xla_flags, timeout
+    )
 
 
 def markdown_table(result: dict[str, Any]) -> str:
