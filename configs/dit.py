@@ -36,6 +36,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "timestep_sampling": "logit_normal",
             "shift": 1.0,
             "text_dropout": 0.1,  # classifier-free guidance: train unconditionally this often
+            # Conditioning-mask strategies (sora_jax/diffusion/conditioning.py) per example: given
+            # latent cells are fed clean and left out of the loss, so one model serves i2v, extend,
+            # interpolate and inpaint. All 0 = plain text-to-video training (the default). An
+            # Open-Sora-1.x-like mix: first_frame=0.1, first_k=0.05, last_k=0.025, both_ends=0.025,
+            # random_frames=0.05, random_box=0.05 ("none" takes the remaining 0.7).
+            "mask_rates": ml_collections.ConfigDict({
+                "first_frame": 0.0, "first_k": 0.0, "last_k": 0.0, "both_ends": 0.0,
+                "random_frames": 0.0, "random_box": 0.0,
+            }),
         }
     )
     c.sample = ml_collections.ConfigDict(

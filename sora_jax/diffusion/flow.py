@@ -123,10 +123,21 @@ def flow_snr(sigma: jax.Array) -> jax.Array:
     return jnp.square((1.0 - sigma) / sigma)
 
 
-def flow_loss(pred: jax.Array, x0: jax.Array, noise: jax.Array, weight: jax.Array | None = None) -> jax.Array:
-    """Mean squared error of the predicted velocity, per example, times an optional per-example weight."""
+def flow_loss(
+    pred: jax.Array, x0: jax.Array, noise: jax.Array, weight: jax.Array | None = None, given: jax.Array | None = None
+) -> jax.Array:
+    """Mean squared error of the predicted velocity, per example, times an optional per-example weight.
+
+    `given` (broadcastable to x0, 1 = a conditioning cell fed clean) leaves those cells out of the mean.
+    """
     err = jnp.square(pred.astype(jnp.float32) - velocity_target(x0, noise).astype(jnp.float32))
-    per_example = err.reshape(err.shape[0], -1).mean(axis=1)  # [B, ...] -> [B]
+    if given is None:
+        per_example = err.reshape(err.shape[0], -1).mean(axis=1)  # [B, ...] -> [B]
+    else:
+        free = jnp.broadcast_to(1.0 - given.astype(jnp.float32), err.shape)
+        # Mean over the generated cells only; an example with none left contributes 0.
+        per_example = (err * free).reshape(err.shape[0], -1).sum(axis=1) / jnp.maximum(
+            free.reshape(err.shape[0], -1).sum(axis=1), 1.0)  # [B, ...] -> [B]
     return per_example if weight is None else per_example * weight
 
 

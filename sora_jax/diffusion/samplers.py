@@ -5,7 +5,10 @@ sampler compiles once per configuration and runs all its steps in a single XLA l
   - `guided_prediction`: classifier-free guidance, conditional and unconditional (negative-prompt)
     branches in one batched network call;
   - `LoopSampler`: `__call__` (final sample), `trajectory` (the sample after every step, for parity
-    tests) and `generate` (noise and stochastic steps from an integer seed).
+    tests) and `generate` (noise and stochastic steps from an integer seed);
+  - optional latent conditioning (`conditioning.LatentCondition`, flow samplers): given latent cells
+    are held at the conditioning latents noised to the current sigma, and come out exactly; an SDEdit
+    strength starts the loop part-way down the same grid.
 Flow samplers (Euler, Heun here; UniPC in unipc.py) integrate sigma from ~1 to 0; DDIM (ddim.py)
 walks the discrete DDPM timesteps.
 """
@@ -18,8 +21,10 @@ from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sora_jax.diffusion import flow
+from sora_jax.diffusion.conditioning import LatentCondition, finish, hold, noised, start_index
 
 
 class Denoiser(Protocol):
@@ -79,31 +84,59 @@ class LoopSampler:
     """Shared entry points of the samplers; subclasses implement `_solve`."""
 
     num_steps: int
+    # Flow samplers take a `latent_cond` keyword in `_solve`; DDIM (a DDPM noise schedule) does not.
+    latent_conditioning = False
 
     def _solve(self, denoiser, params, noise, cond, rng, keep: bool) -> tuple[jax.Array, jax.Array | None]:
         raise NotImplementedError
 
+    def _run(self, denoiser, params, noise, cond, rng, keep, latent_cond):
+        if latent_cond is None:
+            return self._solve(denoiser, params, noise, cond, rng, keep)
+        if not self.latent_conditioning:
+            raise ValueError(f"{type(self).__name__} cannot hold latent frames; use a flow sampler (euler, heun, unipc)")
+        return self._solve(denoiser, params, noise, cond, rng, keep, latent_cond=latent_cond)
+
     @functools.partial(jax.jit, static_argnums=(0, 1))
     def __call__(
-        self, denoiser: Denoiser, params: Any, noise: jax.Array, cond: Conditioning, rng: jax.Array | None = None
+        self, denoiser: Denoiser, params: Any, noise: jax.Array, cond: Conditioning, rng: jax.Array | None = None,
+        latent_cond: LatentCondition | None = None,
     ) -> jax.Array:
-        """Denoise `noise` to a clean latent; `rng` feeds stochastic samplers (DDIM with eta > 0)."""
-        return self._solve(denoiser, params, noise.astype(jnp.float32), cond, rng, keep=False)[0]
+        """Denoise `noise` to a clean latent; `rng` feeds stochastic samplers (DDIM with eta > 0).
+
+        `latent_cond` holds latent cells at given values (i2v, extend, inpaint, ...) and/or starts
+        from a noised input (SDEdit); None is plain text-to-video.
+        """
+        return self._run(denoiser, params, noise.astype(jnp.float32), cond, rng, False, latent_cond)[0]
 
     @functools.partial(jax.jit, static_argnums=(0, 1))
     def trajectory(
-        self, denoiser: Denoiser, params: Any, noise: jax.Array, cond: Conditioning, rng: jax.Array | None = None
+        self, denoiser: Denoiser, params: Any, noise: jax.Array, cond: Conditioning, rng: jax.Array | None = None,
+        latent_cond: LatentCondition | None = None,
     ) -> jax.Array:
-        """The noise followed by the sample after each step: [num_steps + 1, *noise.shape]."""
+        """The noise followed by the sample after each step run: [steps run + 1, *noise.shape]."""
         noise = noise.astype(jnp.float32)
-        _, xs = self._solve(denoiser, params, noise, cond, rng, keep=True)
-        return jnp.concatenate([noise[None], xs])  # [1 + num_steps, *noise.shape]
+        _, xs = self._run(denoiser, params, noise, cond, rng, True, latent_cond)
+        return jnp.concatenate([noise[None], xs])  # [1 + steps run, *noise.shape]
 
     def generate(self, denoiser: Denoiser, params: Any, shape: tuple[int, ...], cond: Conditioning, seed: int) -> jax.Array:
         """Sample from an integer seed: noise from key(seed), per-step randomness from fold_in(key(seed), 1)."""
         key = jax.random.key(seed)
         noise = jax.random.normal(key, shape, jnp.float32)
         return self(denoiser, params, noise, cond, jax.random.fold_in(key, 1))
+
+
+def conditioned_start(noise: jax.Array, latent_cond: LatentCondition | None, sigmas: np.ndarray) -> tuple[int, jax.Array]:
+    """(first step index, starting sample) of a flow solve on `sigmas` [N + 1] under `latent_cond`."""
+    if latent_cond is None:
+        return 0, noise
+    k = start_index(sigmas, latent_cond.strength)
+    x = noise
+    if latent_cond.strength is not None:
+        # SDEdit: the input noised to the start step's sigma with the run's own noise; with no
+        # step left (sigma 0) the input itself.
+        x = latent_cond.latents if k == len(sigmas) - 1 else noised(latent_cond.latents, noise, sigmas[k])
+    return k, hold(x, latent_cond, noise, sigmas[k])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +153,7 @@ class FlowSampler(LoopSampler):
     shift: float = 3.0
     solver: str = "euler"
     schedule: str = "linear"
+    latent_conditioning = True
 
     def __post_init__(self):
         if self.solver not in ("euler", "heun"):
@@ -133,28 +167,38 @@ class FlowSampler(LoopSampler):
         """The decreasing noise levels visited, num_steps + 1 of them, ending at 0."""
         return jnp.asarray(flow.flow_schedule(self.num_steps, self.shift, self.schedule)[0])
 
-    def _solve(self, denoiser, params, noise, cond, rng, keep):
+    def _solve(self, denoiser, params, noise, cond, rng, keep, latent_cond=None):
         sigmas, timesteps = flow.flow_schedule(self.num_steps, self.shift, self.schedule)
+        k, x0 = conditioned_start(noise, latent_cond, sigmas)
         # Heun's second evaluation is at the next grid point: its timestep, 0 after the last one.
         t_next = jnp.concatenate([jnp.asarray(timesteps[1:]), jnp.zeros((1,), jnp.float32)])
         xs = (jnp.asarray(sigmas[:-1]), jnp.asarray(sigmas[1:]), jnp.asarray(timesteps), t_next)
+        xs = tuple(a[k:] for a in xs)  # SDEdit starts part-way down the grid (k = 0 otherwise)
+
+        def held(x, s):
+            # The unconditioned path stays op-for-op what it was.
+            return x if latent_cond is None else hold(x, latent_cond, noise, s)
 
         def step(x, per_step):
             s, s_next, t, tn = per_step
             v = guided_prediction(denoiser, params, x, t, cond, self.guidance)
-            x_euler = x + (s_next - s) * v
+            x_euler = held(x + (s_next - s) * v, s_next)
             if self.solver == "euler":
                 return x_euler
 
             def heun(_):
                 v_next = guided_prediction(denoiser, params, x_euler, tn, cond, self.guidance)
-                return x + (s_next - s) * 0.5 * (v + v_next)
+                return held(x + (s_next - s) * 0.5 * (v + v_next), s_next)
 
             # Heun averages the slopes at both ends, except on the last step into sigma=0, where the
             # slope is undefined; lax.cond skips that network call instead of computing and discarding it.
             return jax.lax.cond(s_next > 0, heun, lambda _: x_euler, None)
 
-        return scan_steps(step, noise, xs, (lambda x: x) if keep else None)
+        x, traj = scan_steps(step, x0, xs, (lambda x: x) if keep else None)
+        if latent_cond is not None:
+            x = finish(x, latent_cond)  # the given cells exactly, not (1 - 0) x0 + 0 eps
+            traj = None if traj is None else traj.at[-1].set(x) if traj.shape[0] else traj
+        return x, traj
 
 
 FLOW_SOLVERS = ("euler", "heun", "unipc")

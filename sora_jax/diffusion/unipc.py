@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sora_jax.diffusion import flow
-from sora_jax.diffusion.samplers import LoopSampler, guided_prediction, scan_steps
+from sora_jax.diffusion.conditioning import finish, hold
+from sora_jax.diffusion.samplers import LoopSampler, conditioned_start, guided_prediction, scan_steps
 
 
 def _phi(h: float, order: int, solver_type: str) -> tuple[float, float, np.ndarray]:
@@ -122,6 +123,7 @@ class UniPCSampler(LoopSampler):
     lower_order_final: bool = True
     disable_corrector: tuple[int, ...] = ()
     schedule: str = "diffusers_unipc"
+    latent_conditioning = True
 
     def __post_init__(self):
         if self.num_steps < 1:
@@ -145,10 +147,19 @@ class UniPCSampler(LoopSampler):
         """The decreasing noise levels visited, num_steps + 1 of them, ending at 0."""
         return jnp.asarray(self.grid()[0])
 
-    def _solve(self, denoiser, params, noise, cond, rng, keep):
+    def _solve(self, denoiser, params, noise, cond, rng, keep, latent_cond=None):
         sigmas, timesteps = self.grid()
+        k, x_start = conditioned_start(noise, latent_cond, sigmas)
+        # SDEdit (k > 0) runs UniPC on the rest of the grid, warming its multistep history up afresh.
+        sigmas, timesteps = sigmas[k:], timesteps[k:]
         c = unipc_coefficients(sigmas, self.order, self.lower_order_final, self.disable_corrector, self.solver_type)
         xs = {k: jnp.asarray(v) for k, v in c.items()} | {"sigma": jnp.asarray(sigmas[:-1]), "t": jnp.asarray(timesteps)}
+        if latent_cond is not None:
+            xs["sigma_next"] = jnp.asarray(sigmas[1:])
+
+        def held(x, sigma):
+            # The unconditioned path stays op-for-op what it was.
+            return x if latent_cond is None else hold(x, latent_cond, noise, sigma)
 
         def combine(w, hist):
             # Elementwise multiply-add, not einsum: a dot_general may run in bf16/TF32 passes on
@@ -160,10 +171,16 @@ class UniPCSampler(LoopSampler):
             v = guided_prediction(denoiser, params, x_pred, s["t"], cond, self.guidance)
             m = x_pred - s["sigma"] * v  # flow_prediction -> x0, on the uncorrected sample
             x = s["corr_keep"] * x_pred + s["corr_x"] * last + combine(s["corr_m"], hist) + s["corr_new"] * m
+            x = held(x, s["sigma"])  # the corrector mixes old samples: re-hold the given cells
             hist = jnp.concatenate([m[None], hist[:-1]])  # push m_i: [order, *x.shape]
             x_next = s["pred_x"] * x + combine(s["pred_m"], hist)
+            if latent_cond is not None:
+                x_next = held(x_next, s["sigma_next"])
             return x_next, x, hist
 
         hist0 = jnp.zeros((self.order, *noise.shape), noise.dtype)  # [order, *x.shape]
-        (x, _, _), traj = scan_steps(step, (noise, noise, hist0), xs, (lambda c: c[0]) if keep else None)
+        (x, _, _), traj = scan_steps(step, (x_start, x_start, hist0), xs, (lambda c: c[0]) if keep else None)
+        if latent_cond is not None:
+            x = finish(x, latent_cond)  # the given cells exactly
+            traj = None if traj is None else traj.at[-1].set(x) if traj.shape[0] else traj
         return x, traj

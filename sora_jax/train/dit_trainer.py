@@ -11,6 +11,7 @@ import ml_collections
 
 from sora_jax.convert.bert import load_text_encoder
 from sora_jax.diffusion import flow
+from sora_jax.diffusion.conditioning import MaskRates, sample_train_masks
 from sora_jax.models.dit import DiT, DiTConfig, dit_config, validate_latent_grid
 from sora_jax.parallel.mesh import batch_sharding, global_batch
 from sora_jax.train import checkpoint
@@ -31,14 +32,26 @@ def null_text(batch: int, length: int, dim: int) -> tuple[jax.Array, jax.Array]:
     return emb, mask
 
 
+def mask_rates(diff_cfg: ml_collections.ConfigDict) -> MaskRates:
+    """The conditioning-mask strategy rates of config.diffusion.mask_rates (all 0 if absent)."""
+    rates = diff_cfg.get("mask_rates", None)
+    return MaskRates(**{k: float(v) for k, v in (rates.items() if rates is not None else ())})
+
+
 def make_dit_step(model: DiT, diff_cfg: ml_collections.ConfigDict):
     """The (state, batch, rng) -> (state, metrics) function of one flow-matching update."""
     p_drop = float(diff_cfg.text_dropout)
     method, shift = str(diff_cfg.timestep_sampling), float(diff_cfg.shift)
+    rates = mask_rates(diff_cfg)
 
     def loss_fn(params, batch, rng):
         x0, text, mask = batch["latents"], batch["text"], batch["text_mask"]
         b = x0.shape[0]
+        if rates.enabled:
+            rng, r_given = jax.random.split(rng)
+            given = sample_train_masks(r_given, rates, b, x0.shape[1:4])  # [B, T', H', W', 1], 1 = given
+        else:
+            given = None  # the unmasked step keeps its random stream and loss exactly
         r_drop, r_sigma, r_noise = jax.random.split(rng, 3)
         drop = jax.random.bernoulli(r_drop, p_drop, (b,))
         n_emb, n_mask = null_text(b, text.shape[1], text.shape[2])
@@ -46,8 +59,12 @@ def make_dit_step(model: DiT, diff_cfg: ml_collections.ConfigDict):
         mask = jnp.where(drop[:, None], n_mask, mask)
         sigma = flow.sample_sigmas(r_sigma, b, method, shift)
         noise = jax.random.normal(r_noise, x0.shape, x0.dtype)
-        pred = model.apply(params, flow.add_noise(x0, noise, sigma), sigma * flow.TIME_SCALE, text, mask)
-        loss = flow.flow_loss(pred, x0, noise).mean()
+        x_t = flow.add_noise(x0, noise, sigma)
+        if given is not None:
+            # Conditioning cells are seen clean (sigma 0 there), as the sampler holds them, and not scored.
+            x_t = jnp.where(given > 0, x0, x_t)
+        pred = model.apply(params, x_t, sigma * flow.TIME_SCALE, text, mask)
+        loss = flow.flow_loss(pred, x0, noise, given=given).mean()
         return loss, {"loss": loss}
 
     def step(state: TrainState, batch: dict, rng: jax.Array):
