@@ -14,12 +14,15 @@ Corrupt records (undecodable, wrong shape/dtype, bad caption) are dropped and co
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import grain
 import jax
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # State arrays carried through from the physics dataset when present.
 _PASSTHROUGH = ("num_balls", "positions", "velocities", "radii", "colors", "seed")
@@ -28,10 +31,13 @@ _PASSTHROUGH = ("num_balls", "positions", "velocities", "radii", "colors", "seed
 @dataclasses.dataclass
 class LoaderStats:
     """Per-loader counters. Exact with worker_count=0; with workers each worker process counts
-    its own copy and the parent's stays 0 (grain pickles the transforms into the workers)."""
+    its own copy and the parent's stays 0 (grain pickles the transforms into the workers).
+    `corrupt` counts undecodable records; `skipped` counts every dropped record by reason
+    (`corrupt`, and for real videos `too_small` / `too_short`)."""
 
     corrupt: int = 0
     last_error: str = ""
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class _TolerantSource:
@@ -57,6 +63,12 @@ class _TolerantSource:
 @dataclasses.dataclass(frozen=True)
 class _Corrupt:
     reason: str
+    kind: str = "corrupt"  # the `LoaderStats.skipped` key
+
+
+def uint8_to_float(video: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [-1, 1], the loaders' video format."""
+    return video.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
 
 
 def _decode(record: Any, video_shape: tuple[int, ...] | None) -> dict | _Corrupt:
@@ -77,7 +89,7 @@ def _decode(record: Any, video_shape: tuple[int, ...] | None) -> dict | _Corrupt
         if not isinstance(caption, str):
             return _Corrupt(f"caption of type {type(caption).__name__}")
         out = {
-            "video": video.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0),
+            "video": uint8_to_float(video),
             "caption": caption,
         }
         for key in _PASSTHROUGH:
@@ -102,8 +114,11 @@ class _DropCorrupt(grain.transforms.Filter):
 
     def filter(self, element: Any) -> bool:
         if isinstance(element, _Corrupt):
-            self._stats.corrupt += 1
+            if element.kind == "corrupt":
+                self._stats.corrupt += 1
+            self._stats.skipped[element.kind] = self._stats.skipped.get(element.kind, 0) + 1
             self._stats.last_error = element.reason
+            log.warning("skipped a record (%s): %s", element.kind, element.reason)
             return False
         return True
 
