@@ -196,3 +196,16 @@ def test_multiprocess_workers_count_in_parent(data):
     _check_batches(batches)
     assert sorted(b["bucket"] for b in batches) == ["32x32x5", "48x48x1", "48x48x1", "48x64x17", "64x48x9", "64x48x9"]
     assert loader.stats.skipped == {"corrupt": 4, "too_short": 2}  # filtered after mp_prefetch
+
+
+def test_loader_from_config(data):
+    from configs.video_data import video_data_config
+    from sora_jax.data.real_video import loader_from_config
+
+    cfg = video_data_config()
+    with pytest.raises(ValueError, match="data.path is empty"):
+        loader_from_config(cfg, seed=0)
+    cfg.path, cfg.buckets, cfg.caption_dropout, cfg.probe_all = str(data), "32x32x5:1,48x48x1:1", 0.0, True
+    batches = _drain(loader_from_config(cfg, seed=0, num_epochs=1))
+    # a, b, c are cropped into 32x32x5 (largest fit without upscaling); the image into 48x48x1.
+    assert sorted(b["bucket"] for b in batches) == ["32x32x5"] * 3 + ["48x48x1"]

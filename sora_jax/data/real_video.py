@@ -411,3 +411,22 @@ def make_bucketed_loader(
     it = it.filter(_DropCorrupt(stats))  # after mp_prefetch: counted in this process
     it = BucketBatchDataset(it, spec, drop_remainder=drop_remainder, finalize=to_float_batch if float_video else None)
     return BucketedLoader(it, stats)
+
+
+def loader_from_config(cfg: Any, *, seed: int, shard_index: int = 0, shard_count: int = 1,
+                       num_epochs: int | None = None) -> BucketedLoader:
+    """`make_bucketed_loader` from a `configs.video_data.video_data_config()` ConfigDict."""
+    if not cfg.path:
+        raise ValueError("data.path is empty; set --config.data.path to a video folder or a .jsonl/.csv manifest")
+    sampling = FrameSampling(fps=float(cfg.fps)) if cfg.fps > 0 else FrameSampling(stride=int(cfg.stride))
+    return make_bucketed_loader(
+        VideoSource(cfg.path, probe_all=bool(cfg.probe_all)),
+        BucketSpec.parse(cfg.buckets),
+        seed=seed,
+        sampling=sampling,
+        caption_dropout=float(cfg.caption_dropout),
+        num_epochs=num_epochs,
+        worker_count=int(cfg.worker_count),
+        shard_index=shard_index,
+        shard_count=shard_count,
+    )
