@@ -26,11 +26,17 @@ def _parser() -> argparse.ArgumentParser:
         t = sub.add_parser(name, help=helptext, description=helptext + "; override any field with --config.a.b=value")
         t.add_argument("--config", default=default, help=f"config name or file, with optional :arg (default {default})")
 
+    from sora_jax.diffusion.conditioning import MODE_HELP, MODES
+
     s = sub.add_parser("sample", help="generate videos for prompts from a trained DiT run or a converted Wan pipeline",
                        description="Generate one video per --prompt. --checkpoint is a folder written by "
                                    "`sora-jax convert wan` (diffusers WanPipeline parity: umT5 prompts, negative "
                                    "prompt, UniPC/Euler grids) or a DiT training run. Unset options take the "
-                                   "checkpoint's defaults.")
+                                   "checkpoint's defaults.",
+                       epilog="modes (--mode); inputs are PNG/JPEG (one frame) or MP4 files, resized and "
+                              "center-cropped to the output, frames taken from the start:\n"
+                              + "\n".join(f"  {m:<12} {MODE_HELP[m]}" for m in MODES),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--checkpoint", help="converted Wan folder (pipeline.json) or DiT run directory; overrides --workdir")
     s.add_argument("--workdir", default="runs/dit", help="DiT run directory (has ckpt/ and dit_config.json)")
     s.add_argument("--prompt", action="append", required=True, help="text prompt (repeatable)")
@@ -49,6 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, help="height and width in pixels")
     s.add_argument("--height", type=int, help="height in pixels (overrides --size)")
     s.add_argument("--width", type=int, help="width in pixels (overrides --size)")
+    s.add_argument("--mode", default="t2v", choices=MODES, help="prompting mode (see below; default t2v)")
+    s.add_argument("--input", action="append", default=[],
+                   help="image/video the mode conditions on (interpolate: give it twice, start then end)")
+    s.add_argument("--mask-box", help="inpaint: pixel box y0,x0,y1,x1 (end-exclusive) to regenerate")
+    s.add_argument("--mask-frames", help="inpaint: frames a:b (a..b-1) to regenerate (with --mask-box: the box there)")
+    s.add_argument("--strength", type=float, default=0.6,
+                   help="sdedit: noise level in [0, 1] to start from (default 0.6; 0 keeps the input)")
+    s.add_argument("--direction", choices=("forward", "backward"), default="forward",
+                   help="extend: generate after the input (forward) or before it (backward)")
+    s.add_argument("--cond-frames", type=int,
+                   help="extend/interpolate: input frames (4k+1) to condition on (default ~half / 1)")
 
     c = sub.add_parser("convert", help="convert diffusers Wan2.1 weights (safetensors) to our checkpoint folders")
     csub = c.add_subparsers(dest="kind", required=True)
@@ -115,6 +132,19 @@ def _train(a, extra) -> None:
               f"checkpoints in {config.workdir}")
 
 
+def _ints(text: str | None, sep: str, n: int, flag: str, form: str) -> tuple[int, ...] | None:
+    """Parse "1,2,3,4"-style flag values into n integers, or fail with one line naming the form."""
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(sep))
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise ValueError(f"{flag} {text!r} is not {form}")
+    return values
+
+
 def _sample(a) -> None:
     import numpy as np
 
@@ -127,6 +157,13 @@ def _sample(a) -> None:
         raise ValueError(f"--output {a.output}: unknown extension; use .npy, .mp4 or .gif")
     if a.latents and not Path(a.latents).is_file():
         raise FileNotFoundError(f"--latents {a.latents} not found; pass an .npy of noise in (B, C, T', H', W')")
+    mask_box = _ints(a.mask_box, ",", 4, "--mask-box", "y0,x0,y1,x1, e.g. 8,8,24,24")
+    mask_frames = _ints(a.mask_frames, ":", 2, "--mask-frames", "a:b, e.g. 2:5")
+    for path in a.input:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--input {path} not found; pass an existing PNG, JPEG or MP4 file")
+    if a.mode == "t2i" and a.frames is None:
+        a.frames = 1  # so --latents is checked against a 1-frame latent shape
     t2v = TextToVideo.from_pretrained(a.checkpoint or a.workdir)
     size = None
     if a.height or a.width:
@@ -140,7 +177,9 @@ def _sample(a) -> None:
                                      t2v.latent_shape(len(a.prompt), a.frames, size))
     videos = t2v.generate(a.prompt, seed=a.seed, frames=a.frames, size=size, noise=noise,
                           sampler=t2v.make_sampler(a.solver, a.steps, a.guidance),
-                          negative_prompt=a.negative_prompt, max_sequence_length=a.max_sequence_length)
+                          negative_prompt=a.negative_prompt, max_sequence_length=a.max_sequence_length,
+                          mode=a.mode, inputs=a.input, mask_box=mask_box, mask_frames=mask_frames,
+                          strength=a.strength, direction=a.direction, cond_frames=a.cond_frames)
     fps = t2v.defaults["sample"]["fps"]
     if a.output and a.output.endswith(".npy"):
         Path(a.output).absolute().parent.mkdir(parents=True, exist_ok=True)

@@ -20,11 +20,12 @@ import numpy as np
 from sora_jax.convert.bert import load_text_encoder
 from sora_jax.convert.t5 import abstract_t5_params
 from sora_jax.convert.wan_pipeline import PIPELINE_FILE, PIPELINE_KIND, T5_CONFIG_FILE
+from sora_jax.diffusion import conditioning as lc
 from sora_jax.diffusion.samplers import Conditioning, LoopSampler, make_flow_sampler
 from sora_jax.models.text.encoder import T5TextEncoder, check_prompts
 from sora_jax.models.dit import DiT, DiTConfig, validate_latent_grid
 from sora_jax.models.text.t5 import T5Config
-from sora_jax.models.vae import CausalVAE, denormalize_latents, validate_video_shape
+from sora_jax.models.vae import CausalVAE, denormalize_latents, normalize_latents, validate_video_shape
 from sora_jax.models.vae_codec import VideoCodec
 from sora_jax.train import checkpoint
 from sora_jax.train.dit_trainer import DIT_CONFIG_FILE, RUN_FILE, null_text
@@ -46,6 +47,15 @@ class DiTDenoiser:
 def _decode(vae: CausalVAE, params, z):
     # Chunked: decoder memory stays that of one latent frame, whatever the video length.
     return VideoCodec(vae, chunked=True).decode_fn(params, denormalize_latents(z, vae.cfg))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_latents(vae: CausalVAE, params, video):
+    # The posterior mean, normalized as the DiT's training latents are (latent_cache.py).
+    return normalize_latents(VideoCodec(vae, chunked=True).encode_fn(params, video)[0], vae.cfg)
+
+
+Input = str | Path | np.ndarray  # an image/video file, or frames [T, H, W, 3] / [H, W, 3] (uint8, or float in [-1, 1])
 
 
 def _restore_dit(folder: Path, text_len: int) -> tuple[DiTConfig, Any]:
@@ -167,15 +177,30 @@ class TextToVideo:
         negative_prompt: str | None = None,
         noise: np.ndarray | None = None,
         max_sequence_length: int | None = None,
-    ) -> np.ndarray:
+        mode: str = "t2v",
+        inputs: Sequence[Input] = (),
+        mask_box: Sequence[int] | None = None,
+        mask_frames: Sequence[int] | None = None,
+        strength: float = 0.6,
+        direction: str = "forward",
+        cond_frames: int | None = None,
+        return_latents: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Sample one video per prompt; returns float videos in [-1, 1], [B, T, H, W, 3].
 
         `noise` (our layout, `latent_shape`) replaces the noise drawn from `seed`. The unconditional
         branch encodes `negative_prompt`; without one it is "" for Wan pipelines (as diffusers) and the
-        training runs' null text otherwise.
+        training runs' null text otherwise. `mode` and the mode options are those of `condition`;
+        `return_latents` also returns the final latents [B, T', H', W', C] (given cells = conditioning).
         """
         prompts = check_prompts(prompts)
+        if mode == "t2i":
+            if frames not in (None, 1):
+                raise ValueError(f"t2i makes one frame but frames={frames} was asked; drop frames or use t2v")
+            frames = 1
         shape = self.latent_shape(len(prompts), frames, size)
+        latent_cond = self.condition(mode, shape, inputs, mask_box=mask_box, mask_frames=mask_frames,
+                                     strength=strength, direction=direction, cond_frames=cond_frames)
         if sampler is None:
             sampler = self.make_sampler()
         text, mask = self._encode(prompts, max_sequence_length)
@@ -190,5 +215,97 @@ class TextToVideo:
         elif tuple(np.shape(noise)) != shape:
             raise ValueError(f"noise has shape {tuple(np.shape(noise))}, expected {shape} (B, T', H', W', C)")
         z = sampler(DiTDenoiser(self.dit_cfg), self.dit_params, jnp.asarray(noise, jnp.float32),
-                    Conditioning(text, mask, jnp.asarray(n_text), jnp.asarray(n_mask)))
-        return np.asarray(_decode(self.vae, self.vae_params, z))
+                    Conditioning(text, mask, jnp.asarray(n_text), jnp.asarray(n_mask)), None, latent_cond)
+        videos = np.asarray(_decode(self.vae, self.vae_params, z))
+        return (videos, np.asarray(z)) if return_latents else videos
+
+    def encode_video(self, video: np.ndarray) -> jax.Array:
+        """Frames [T, H, W, 3] (uint8, or float in [-1, 1]) -> normalized latents [1, T', H', W', C]."""
+        video = np.asarray(video)
+        if video.dtype == np.uint8:
+            video = video.astype(np.float32) / 127.5 - 1.0
+        return _encode_latents(self.vae, self.vae_params, jnp.asarray(video, jnp.float32)[None])
+
+    def load_input(self, item: Input, height: int, width: int, frames: int, what: str = "input") -> np.ndarray:
+        """The first `frames` frames of an input, resized and center-cropped: uint8 [frames, height, width, 3]."""
+        from sora_jax.data.video import fit_video, read_frames
+
+        video = read_frames(item, max_frames=frames) if isinstance(item, (str, Path)) else np.asarray(item)
+        if video.ndim == 3:
+            video = video[None]
+        name = item if isinstance(item, (str, Path)) else f"array of shape {video.shape}"
+        if video.ndim == 4 and len(video) < frames:
+            raise ValueError(f"{what} {name} has {len(video)} frame(s) but {frames} are needed; "
+                             "pass a longer clip, or fewer --frames / --cond-frames")
+        return fit_video(video[:frames], height, width)
+
+    def condition(
+        self,
+        mode: str,
+        shape: Sequence[int],
+        inputs: Sequence[Input] = (),
+        *,
+        mask_box: Sequence[int] | None = None,
+        mask_frames: Sequence[int] | None = None,
+        strength: float = 0.6,
+        direction: str = "forward",
+        cond_frames: int | None = None,
+    ) -> lc.LatentCondition | None:
+        """The latent conditioning of a prompting mode for output latents `shape` (None for t2v/t2i).
+
+        i2v: the first frame of inputs[0] is the first frame. extend: the first `cond_frames` frames
+        (4k+1; default about half the output) of inputs[0] open the video (direction "forward") or close
+        it ("backward"). interpolate: the first `cond_frames` (default 1) frames of inputs[0] open it and
+        of inputs[1] close it. inpaint: inputs[0]'s frames are kept except `mask_box` (y0, x0, y1, x1
+        pixels, end-exclusive) within `mask_frames` (a, b: frames a..b-1), each defaulting to everything.
+        sdedit: inputs[0]'s frames noised to `strength`, then denoised.
+        """
+        if mode not in lc.MODES:
+            raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(lc.MODES)}")
+        n_inputs = {"t2v": 0, "t2i": 0, "interpolate": 2}.get(mode, 1)
+        if len(inputs) != n_inputs:
+            raise ValueError(f"mode {mode} takes {n_inputs} input(s) but got {len(inputs)}; "
+                             f"pass {n_inputs} --input file(s)")
+        if n_inputs == 0:
+            return None
+        b, t_lat, h_lat, w_lat, _ = shape
+        tf, sf = self.vae.cfg.temporal_factor, self.vae.cfg.spatial_factor
+        height, width, frames = h_lat * sf, w_lat * sf, 1 + tf * (t_lat - 1)
+
+        def latents(item, n, what="input"):
+            z = self.encode_video(self.load_input(item, height, width, n, what))
+            return jnp.broadcast_to(z, (b, *z.shape[1:]))  # one input, every prompt
+
+        if mode == "i2v":
+            return lc.first_frames(shape, latents(inputs[0], 1))
+        if mode in ("extend", "interpolate"):
+            default = 1 if mode == "interpolate" else 1 + tf * (max(1, t_lat // 2) - 1)
+            n = default if cond_frames is None else cond_frames
+            if n < 1 or (n - 1) % tf:
+                raise ValueError(f"cond_frames {n} is not {tf}k+1 (1, {1 + tf}, {1 + 2 * tf}, ...); pick one of those")
+            if mode == "interpolate":
+                return lc.both_ends(shape, latents(inputs[0], n, "first input"), latents(inputs[1], n, "second input"))
+            if n >= frames:
+                raise ValueError(f"extend conditions on {n} of {frames} frames, leaving none to generate; "
+                                 "use more --frames or fewer --cond-frames")
+            if direction not in ("forward", "backward"):
+                raise ValueError(f"unknown direction {direction!r}; use 'forward' or 'backward'")
+            z = latents(inputs[0], n)
+            return lc.first_frames(shape, z) if direction == "forward" else lc.last_frames(shape, z)
+        z = latents(inputs[0], frames)
+        if mode == "sdedit":
+            return lc.sdedit(z, strength)
+        # inpaint: True = keep, in pixels; the regenerated region is box x frame range.
+        if mask_box is None and mask_frames is None:
+            raise ValueError("inpaint needs a region to regenerate; pass mask_box (--mask-box y0,x0,y1,x1) "
+                             "and/or mask_frames (--mask-frames a:b)")
+        y0, x0, y1, x1 = (0, 0, height, width) if mask_box is None else mask_box
+        a, e = (0, frames) if mask_frames is None else mask_frames
+        if not (0 <= y0 < y1 <= height and 0 <= x0 < x1 <= width):
+            raise ValueError(f"mask box {tuple(mask_box)} is not inside the {height}x{width} video; "
+                             "use y0,x0,y1,x1 with 0 <= y0 < y1 <= height and 0 <= x0 < x1 <= width")
+        if not 0 <= a < e <= frames:
+            raise ValueError(f"mask frames {a}:{e} are not inside the {frames}-frame video; use a:b with 0 <= a < b <= {frames}")
+        keep = np.ones((frames, height, width), bool)
+        keep[a:e, y0:y1, x0:x1] = False
+        return lc.region(z, lc.pixel_to_latent_mask(keep, tf, sf))

@@ -1,4 +1,4 @@
-"""Video file I/O: MP4 through PyAV, GIF through Pillow; frames are uint8 [T, H, W, 3]."""
+"""Video file I/O: MP4 through PyAV, GIF and PNG/JPEG through Pillow; frames are uint8 [T, H, W, 3]."""
 
 from __future__ import annotations
 
@@ -56,6 +56,60 @@ def read_video(path: str | Path) -> np.ndarray:
     """Decode every frame of a video file to uint8 [T, H, W, 3]."""
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".gif")
+
+
+def read_frames(path: str | Path, max_frames: int | None = None) -> np.ndarray:
+    """An image (as a 1-frame video) or the first `max_frames` frames of a video: uint8 [T, H, W, 3]."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input {path} not found; pass an existing PNG, JPEG or MP4 file")
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
+        raise ValueError(f"input {path}: unknown file type {suffix!r}; pass a PNG, JPEG or MP4 file")
+    try:
+        if suffix in IMAGE_SUFFIXES:
+            with Image.open(path) as im:
+                frames = np.asarray(im.convert("RGB"))[None]
+        else:
+            frames = []
+            with av.open(str(path)) as container:
+                for f in container.decode(video=0):
+                    frames.append(f.to_ndarray(format="rgb24"))
+                    if max_frames is not None and len(frames) >= max_frames:
+                        break
+            frames = np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
+    except (OSError, ValueError, av.FFmpegError) as e:
+        # Pillow's UnidentifiedImageError is an OSError; PyAV's errors are FFmpegError/ValueError.
+        raise ValueError(f"cannot read {path} as an image or video ({type(e).__name__}); "
+                         "pass a valid PNG, JPEG or MP4 file") from None
+    if frames.shape[0] == 0 or min(frames.shape[1:3]) == 0:
+        raise ValueError(f"input {path} has no frames; pass a non-empty image or video")
+    return frames[:max_frames]
+
+
+def fit_video(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize uint8 frames [T, h, w, 3] to cover height x width (aspect kept), then center-crop to it."""
+    frames = np.asarray(frames)
+    if frames.ndim == 3:
+        frames = frames[None]  # one image [h, w, 3] -> a 1-frame video
+    if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+        raise ValueError(f"input frames have shape {frames.shape}; pass images [H, W, 3] or videos [T, H, W, 3]")
+    frames = to_uint8(frames)
+    t, h, w, _ = frames.shape
+    scale = max(height / h, width / w)
+    rh, rw = max(height, round(h * scale)), max(width, round(w * scale))
+    top, left = (rh - height) // 2, (rw - width) // 2
+    out = np.empty((t, height, width, 3), np.uint8)
+    for i, f in enumerate(frames):
+        im = Image.fromarray(f)
+        if (rh, rw) != (h, w):
+            im = im.resize((rw, rh), Image.BICUBIC)
+        out[i] = np.asarray(im)[top:top + height, left:left + width]
+    return out
 
 
 def tile_videos(videos: list[np.ndarray], gap: int = 2) -> np.ndarray:

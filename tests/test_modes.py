@@ -1,0 +1,278 @@
+"""Prompting modes: every mode end to end on the tiny run, conditioned latents exact, training masks, bad inputs."""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from sora_jax.cli import main
+from sora_jax.diffusion import conditioning as lc
+from sora_jax.diffusion import flow
+from sora_jax.diffusion.samplers import Conditioning, FlowSampler
+from sora_jax.diffusion.unipc import UniPCSampler
+
+PROMPT = "one ball: red"
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_runs):
+    from sora_jax.pipeline import TextToVideo
+
+    return TextToVideo.load(tiny_runs["dit_cfg"].workdir)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """A 5-frame 40x48 MP4 and a 40x48 PNG (not the output size: they get resized and cropped)."""
+    from sora_jax.data.video import write_mp4
+
+    root = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (5, 40, 48, 3), dtype=np.uint8)
+    write_mp4(root / "clip.mp4", frames)
+    Image.fromarray(frames[0]).save(root / "frame.png")
+    Image.fromarray(frames[-1]).save(root / "last.jpg")
+    return {"mp4": root / "clip.mp4", "png": root / "frame.png", "jpg": root / "last.jpg", "root": root}
+
+
+def _sampler(pipe, solver="euler"):
+    return pipe.make_sampler(solver, 2, None)
+
+
+def _run(pipe, mode, inputs, solver="euler", **kw):
+    """(videos, final latents, the LatentCondition the pipeline built) for one prompt."""
+    shape = pipe.latent_shape(1, 1 if mode == "t2i" else None, None)
+    opts = {k: kw[k] for k in ("mask_box", "mask_frames", "strength", "direction", "cond_frames") if k in kw}
+    cond = pipe.condition(mode, shape, inputs, **opts)
+    videos, z = pipe.generate([PROMPT], mode=mode, inputs=inputs, sampler=_sampler(pipe, solver),
+                              return_latents=True, **kw)
+    return videos, z, cond
+
+
+def _assert_exact(z, cond):
+    given = np.asarray(cond.mask)[..., 0] > 0
+    assert given.any() and not given.all()
+    np.testing.assert_array_equal(z[given], np.asarray(cond.latents)[given])
+
+
+def test_t2v_unchanged_and_t2i_one_frame(pipe):
+    plain = pipe.generate([PROMPT], sampler=_sampler(pipe), seed=3)
+    videos, z = pipe.generate([PROMPT], sampler=_sampler(pipe), seed=3, mode="t2v", return_latents=True)
+    np.testing.assert_array_equal(plain, videos)
+    assert videos.shape == (1, 5, 32, 32, 3) and z.shape[1] == 2
+    image = pipe.generate([PROMPT], sampler=_sampler(pipe), mode="t2i")
+    assert image.shape == (1, 1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("solver", ["euler", "unipc"])
+def test_i2v_first_latent_frame_exact(pipe, clip, solver):
+    videos, z, cond = _run(pipe, "i2v", [clip["png"]], solver)
+    assert videos.shape == (1, 5, 32, 32, 3)
+    _assert_exact(z, cond)
+    assert np.asarray(cond.mask)[0, :, 0, 0, 0].tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_extend(pipe, clip, direction):
+    videos, z, cond = _run(pipe, "extend", [clip["mp4"]], direction=direction)
+    assert videos.shape == (1, 5, 32, 32, 3)
+    _assert_exact(z, cond)
+    held = np.asarray(cond.mask)[0, :, 0, 0, 0].tolist()
+    assert held == ([1.0, 0.0] if direction == "forward" else [0.0, 1.0])
+
+
+def test_interpolate_and_heun(pipe, clip):
+    # 9 frames -> 3 latent frames: ends given, the middle generated.
+    shape = pipe.latent_shape(1, 9, None)
+    cond = pipe.condition("interpolate", shape, [clip["png"], clip["jpg"]])
+    videos, z = pipe.generate([PROMPT], frames=9, mode="interpolate", inputs=[clip["png"], clip["jpg"]],
+                              sampler=_sampler(pipe, "heun"), return_latents=True)
+    assert videos.shape == (1, 9, 32, 32, 3)
+    assert np.asarray(cond.mask)[0, :, 0, 0, 0].tolist() == [1.0, 0.0, 1.0]
+    _assert_exact(z, cond)
+
+
+def test_inpaint_box_maps_to_covered_cells(pipe, clip):
+    # Box rows/cols 4..20 of 32 px: with a 4x VAE... only cells fully outside the box are given.
+    videos, z, cond = _run(pipe, "inpaint", [clip["mp4"]], mask_box=(4, 4, 20, 20))
+    _assert_exact(z, cond)
+    s = pipe.vae.cfg.spatial_factor
+    mask = np.asarray(cond.mask)[0, 0, :, :, 0]
+    ys = np.arange(mask.shape[0]) * s
+    touched = (ys + s > 4) & (ys < 20)
+    np.testing.assert_array_equal(mask, ~(touched[:, None] & touched[None, :]))
+    # Frames only: pixel frames 1..4 are latent frame 1.
+    _, z2, cond2 = _run(pipe, "inpaint", [clip["mp4"]], mask_frames=(2, 3))
+    assert np.asarray(cond2.mask)[0, :, 0, 0, 0].tolist() == [1.0, 0.0]
+    _assert_exact(z2, cond2)
+
+
+def test_sdedit_strength_zero_returns_input(pipe, clip):
+    _, z, cond = _run(pipe, "sdedit", [clip["mp4"]], strength=0.0)
+    np.testing.assert_array_equal(z, np.asarray(cond.latents))
+    videos, z, cond = _run(pipe, "sdedit", [clip["mp4"]], strength=0.5)
+    assert videos.shape == (1, 5, 32, 32, 3) and not np.array_equal(z, np.asarray(cond.latents))
+
+
+def test_pixel_to_latent_mask():
+    keep = np.ones((9, 8, 8), bool)
+    keep[5, 0, 0] = False  # pixel frame 5 belongs to latent frame 2 (frames 5..8)
+    m = lc.pixel_to_latent_mask(keep, 4, 4)
+    assert m.shape == (3, 2, 2) and m.sum() == 11 and not m[2, 0, 0]
+    keep = np.ones((9, 8, 8), bool)
+    keep[0] = False
+    assert lc.pixel_to_latent_mask(keep, 4, 4)[0].sum() == 0 and lc.pixel_to_latent_mask(keep, 4, 4)[1:].all()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Smooth:
+    def __call__(self, params, x, t, text, text_mask):
+        tau = (t / 1000.0).reshape(-1, *([1] * (x.ndim - 1)))
+        return jnp.sin(1.3 * x + 2.0 * tau) * 0.6 + 0.5 * x * tau
+
+
+@pytest.mark.parametrize("sampler", [FlowSampler(num_steps=4, solver="heun", guidance=2.0), UniPCSampler(num_steps=4)])
+def test_sampler_holds_cells_along_the_trajectory(sampler):
+    shape = (2, 3, 4, 4, 2)
+    noise = jax.random.normal(jax.random.key(0), shape)
+    z = jax.random.normal(jax.random.key(1), shape)
+    given = np.zeros(shape[1:4], bool)
+    given[0] = True
+    given[2, 1:3, 1:3] = True
+    cond = lc.region(z, given)
+    ones = jnp.ones((2, 2, 3))
+    text = Conditioning(ones, jnp.ones((2, 2), bool), -ones, jnp.ones((2, 2), bool))
+    traj = np.asarray(sampler.trajectory(_Smooth(), None, noise, text, None, cond))
+    sigmas = np.asarray(sampler.sigmas())
+    for i, s in enumerate(sigmas[1:], 1):  # traj[0] is the raw noise, by definition of trajectory
+        want = np.asarray(lc.noised(z, noise, s))
+        np.testing.assert_allclose(traj[i][:, given], want[:, given], atol=1e-6)
+    np.testing.assert_array_equal(traj[-1][:, given], np.asarray(z)[:, given])
+    # sdedit: the loop starts part-way (one jitted scan of the remaining steps).
+    k = lc.start_index(sigmas, 0.5)
+    part = sampler.trajectory(_Smooth(), None, noise, text, None, lc.sdedit(z, 0.5))
+    assert part.shape[0] == 1 + sampler.num_steps - k and 0 < k < sampler.num_steps
+    jaxpr = str(jax.make_jaxpr(lambda n: sampler(_Smooth(), None, n, text, None, lc.sdedit(z, 0.5)))(noise))
+    assert "scan[" in jaxpr and f"length={sampler.num_steps - k}" in jaxpr.replace(" ", "")
+
+
+def test_train_mask_strategies():
+    grid = (4, 3, 5)
+    masks = np.asarray(jax.jit(lc.strategy_masks, static_argnums=(1, 2))(jax.random.key(0), 64, grid))
+    assert masks.shape == (len(lc.MASK_STRATEGIES), 64, *grid)
+    by = dict(zip(lc.MASK_STRATEGIES, masks))
+    frame = {k: v[:, :, 0, 0] for k, v in by.items()}  # temporal strategies are constant over space
+    for k in ("none", "first_frame", "first_k", "last_k", "both_ends", "random_frames"):
+        assert (by[k] == by[k][:, :, :1, :1]).all(), k
+    assert not frame["none"].any()
+    assert (frame["first_frame"] == [1, 0, 0, 0]).all()
+    for k in ("first_k", "last_k", "both_ends", "random_frames"):
+        assert (frame[k].sum(1) >= 1).all() and (frame[k].sum(1) <= 3).all(), k  # something given, something free
+    assert (np.diff(frame["first_k"], axis=1) <= 0).all() and (np.diff(frame["last_k"], axis=1) >= 0).all()
+    assert (frame["both_ends"][:, 0] == 1).all() and (frame["both_ends"][:, -1] == 1).all()
+    box = by["random_box"]
+    assert (box == box[:, :1]).all() and (box.reshape(64, -1).min(1) == 0).all()  # same every frame, a hole
+    rates = lc.MaskRates(first_frame=0.5, random_box=0.5)
+    m = np.asarray(jax.jit(lc.sample_train_masks, static_argnums=(1, 2, 3))(jax.random.key(1), rates, 64, grid))
+    assert m.shape == (64, *grid, 1)
+    is_first = (m[:, :, 0, 0, 0] == [1, 0, 0, 0]).all(1) & (m[..., 0] == m[:, :, :1, :1, 0]).all((1, 2, 3))
+    assert 10 < is_first.sum() < 54
+    assert not lc.MaskRates().enabled
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        lc.MaskRates(first_frame=0.7, last_k=0.7)
+
+
+def test_masked_train_step_excludes_given_cells():
+    import ml_collections
+
+    from configs.common import optim_config
+    from sora_jax.models.dit import DiT, dit_config
+    from sora_jax.train.dit_trainer import make_dit_step
+    from sora_jax.train.state import TrainState, make_optimizer
+
+    x0 = jax.random.normal(jax.random.key(0), (2, 2, 4, 4, 4))
+    pred = jax.random.normal(jax.random.key(1), x0.shape)
+    noise = jnp.zeros_like(x0)
+    given = jnp.zeros((2, 2, 4, 4, 1)).at[:, 0].set(1.0)
+    loss = flow.flow_loss(pred, x0, noise, given=given)
+    # Changing the prediction on given cells does not change the loss.
+    np.testing.assert_allclose(loss, flow.flow_loss(pred.at[:, 0].add(5.0), x0, noise, given=given))
+    np.testing.assert_allclose(loss, flow.flow_loss(pred[:, 1:], x0[:, 1:], noise[:, 1:]), rtol=1e-6)
+
+    # Smallest DiT that runs: the test is about the masked loss, and compiling its gradient dominates.
+    cfg = dit_config("tiny", in_channels=4, out_channels=4, text_dim=8, num_layers=1, ffn_dim=16,
+                     attention_head_dim=12, freq_dim=16)
+    model = DiT(cfg)
+    dummy = (jnp.zeros((1, 2, 4, 4, 4)), jnp.zeros((1,)), jnp.zeros((1, 3, 8)), jnp.ones((1, 3), bool))
+    params = model.init({"params": jax.random.key(0)}, *dummy)
+    tx = make_optimizer(optim_config(1e-3, 1), 10)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=None, tx=tx)
+    diff = ml_collections.ConfigDict({"text_dropout": 0.1, "timestep_sampling": "logit_normal", "shift": 1.0,
+                                      "mask_rates": {"first_frame": 0.5, "random_box": 0.5}})
+    batch = {"latents": x0, "text": jnp.ones((2, 3, 8)), "text_mask": jnp.ones((2, 3), bool)}
+    new, metrics = jax.jit(make_dit_step(model, diff))(state, batch, jax.random.key(2))
+    assert np.isfinite(float(metrics["loss"])) and int(new.step) == 1
+
+
+def _cli_error(capsys, argv, expected):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, f"exit code {code}, stderr {err!r}"
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert expected in err, err
+
+
+def test_cli_i2v_and_inpaint(capsys, tiny_runs, clip, tmp_path):
+    workdir = str(tiny_runs["dit_cfg"].workdir)
+    for mode, extra in (("i2v", ["--input", str(clip["png"])]),
+                        ("inpaint", ["--input", str(clip["mp4"]), "--mask-box", "8,8,24,24", "--mask-frames", "1:5"])):
+        out = tmp_path / f"{mode}.npy"
+        code = main(["sample", "--workdir", workdir, "--prompt", PROMPT, "--steps", "2", "--mode", mode,
+                     "--output", str(out), *extra])
+        assert code == 0, capsys.readouterr().err
+        assert np.load(out).shape == (5, 32, 32, 3)
+
+
+def test_bad_inputs_cli(capsys, tiny_runs, clip, tmp_path):
+    workdir = str(tiny_runs["dit_cfg"].workdir)
+    base = ["sample", "--workdir", workdir, "--prompt", PROMPT, "--steps", "2"]
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image")
+    _cli_error(capsys, base + ["--mode", "i2v", "--input", str(fake)], "cannot read")
+    _cli_error(capsys, base + ["--mode", "i2v", "--input", str(tmp_path / "missing.png")], "not found")
+    _cli_error(capsys, base + ["--mode", "extend", "--input", str(clip["png"]), "--cond-frames", "5",
+                               "--frames", "9"], "has 1 frame(s) but 5 are needed")
+    _cli_error(capsys, base + ["--mode", "inpaint", "--input", str(clip["mp4"]), "--mask-box", "1,2"], "--mask-box")
+
+
+def test_bad_inputs_api(pipe, clip, tmp_path):
+    shape = pipe.latent_shape(1)
+    cases = [
+        ("extend", [clip["mp4"]], {"cond_frames": 5}, "leaving none to generate"),
+        ("extend", [clip["mp4"]], {"cond_frames": 3}, "is not 4k+1"),
+        ("inpaint", [clip["mp4"]], {}, "needs a region"),
+        ("inpaint", [clip["mp4"]], {"mask_box": (0, 0, 40, 8)}, "not inside"),
+        ("interpolate", [clip["png"]], {}, "takes 2 input(s)"),
+        ("sdedit", [clip["png"]], {}, "has 1 frame(s) but 5"),
+        ("sdedit", [clip["mp4"]], {"strength": 1.5}, "outside [0, 1]"),
+        ("i2v", [np.zeros((4, 4), np.uint8)], {}, "pass images [H, W, 3]"),
+        ("t2v", [clip["png"]], {}, "takes 0 input(s)"),
+        ("zoom", [], {}, "unknown mode"),
+    ]
+    (tmp_path / "x.txt").write_text("hello")
+    cases.append(("i2v", [tmp_path / "x.txt"], {}, "unknown file type"))
+    for mode, inputs, kw, match in cases:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            pipe.condition(mode, shape, inputs, **kw)
+
+
+def test_help_documents_every_mode(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    out = capsys.readouterr().out
+    for mode in lc.MODES:
+        assert any(line.strip().startswith(mode + " ") for line in out.splitlines()), mode
