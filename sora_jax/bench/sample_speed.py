@@ -103,7 +103,8 @@ def _timed(fn: Callable) -> tuple[Callable, list[float]]:
     return wrapper, spent
 
 
-def _jax_staged(t2v: Any, sampler: Any, opts: SampleBenchOptions, noise: jax.Array) -> Callable[[], tuple[np.ndarray, dict]]:
+def _jax_staged(t2v: Any, sampler: Any, opts: SampleBenchOptions,
+                noise: jax.Array) -> Callable[[], tuple[np.ndarray, dict]]:
     """`generate` split into its stages, each blocked on and timed: () -> (video in [0, 1], stage seconds)."""
     from sora_jax.diffusion.samplers import Conditioning
     from sora_jax.models.vae import denormalize_latents
@@ -288,6 +289,6 @@ def format_report(r: dict[str, Any]) -> str:
         for s in STAGES:
             j, t = r["stages"]["jax"][s]["median_s"], r["stages"]["torch"][s]["median_s"]
             lines.append(f"| {s} | {j:.3f} | {t:.3f} | {t / j:.2f} |")
-        lines.append(f"loop: {r['loop_gflop']:.1f} GFLOP -> JAX {r['loop_gflop'] / r['stages']['jax']['loop']['median_s']:.1f}"
-                     f", torch {r['loop_gflop'] / r['stages']['torch']['loop']['median_s']:.1f} GFLOP/s")
+        rate = {k: r["loop_gflop"] / r["stages"][k]["loop"]["median_s"] for k in ("jax", "torch")}
+        lines.append(f"loop: {r['loop_gflop']:.1f} GFLOP -> JAX {rate['jax']:.1f}, torch {rate['torch']:.1f} GFLOP/s")
     return "\n".join(lines)
