@@ -140,3 +140,14 @@ def test_restore_params_prefers_ema(tmp_path):
     np.testing.assert_array_equal(checkpoint.restore_params(tmp_path / "ckpt", abstract)["w"], ema["w"])
     raw = checkpoint.restore_params(tmp_path / "ckpt", abstract, use_ema=False)
     np.testing.assert_array_equal(raw["w"], params["w"])
+
+
+def test_unsupported_objective_is_refused():
+    """A DDPM objective in the config must not silently train rectified flow."""
+    cfg = dit_configs.get_config("variant=tiny,runlocal=True")
+    cfg.diffusion.objective = "ddpm"
+    model = DiT(dit_config("tiny"))
+    with pytest.raises(ValueError, match="objective='ddpm' is not supported by the DiT trainer; use 'flow'"):
+        make_dit_step(model, cfg.diffusion)
+    cfg.diffusion.objective = "flow"
+    assert callable(make_dit_step(model, cfg.diffusion))

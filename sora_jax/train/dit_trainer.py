@@ -40,6 +40,14 @@ def mask_rates(diff_cfg: ml_collections.ConfigDict) -> MaskRates:
 
 def make_dit_step(model: DiT, diff_cfg: ml_collections.ConfigDict):
     """The (state, batch, rng) -> (state, metrics) function of one flow-matching update."""
+    objective = str(diff_cfg.get("objective", "flow"))
+    if objective != "flow":
+        # The DDPM objectives (diffusion/ddpm.py) exist, but this trainer and the run's sampler
+        # defaults are flow-only: refuse rather than silently train flow under another name.
+        raise ValueError(
+            f"config.diffusion.objective={objective!r} is not supported by the DiT trainer; use 'flow' "
+            "(DDPM eps/v objectives are in sora_jax.diffusion.ddpm for custom training loops)"
+        )
     p_drop = float(diff_cfg.text_dropout)
     method, shift = str(diff_cfg.timestep_sampling), float(diff_cfg.shift)
     rates = mask_rates(diff_cfg)
