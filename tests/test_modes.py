@@ -150,7 +150,7 @@ def test_sampler_holds_cells_along_the_trajectory(sampler):
     traj = np.asarray(sampler.trajectory(_Smooth(), None, noise, text, None, cond))
     sigmas = np.asarray(sampler.sigmas())
     for i, s in enumerate(sigmas[1:], 1):  # traj[0] is the raw noise, by definition of trajectory
-        want = np.asarray(lc.noised(z, noise, s))
+        want = np.asarray(flow.add_noise(z, noise, s))
         np.testing.assert_allclose(traj[i][:, given], want[:, given], atol=1e-6)
     np.testing.assert_array_equal(traj[-1][:, given], np.asarray(z)[:, given])
     # sdedit: the loop starts part-way (one jitted scan of the remaining steps).

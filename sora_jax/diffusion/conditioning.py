@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sora_jax.diffusion.flow import add_noise
+
 MODES = ("t2v", "t2i", "i2v", "extend", "interpolate", "inpaint", "sdedit")
 MODE_HELP = {
     "t2v": "text to video",
@@ -44,14 +46,9 @@ class LatentCondition:
 jax.tree_util.register_dataclass(LatentCondition, data_fields=["latents", "mask"], meta_fields=["strength"])
 
 
-def noised(x0: jax.Array, eps: jax.Array, sigma: jax.Array) -> jax.Array:
-    """Rectified-flow x_sigma = (1 - sigma) x0 + sigma eps at a scalar sigma (flow.py's convention)."""
-    return (1.0 - sigma) * x0 + sigma * eps
-
-
 def hold(x: jax.Array, cond: LatentCondition, eps: jax.Array, sigma: jax.Array) -> jax.Array:
-    """x with the given cells replaced by the conditioning latents noised to sigma."""
-    return jnp.where(cond.mask > 0, noised(cond.latents, eps, sigma), x)
+    """x with the given cells replaced by the conditioning latents noised to (scalar) sigma."""
+    return jnp.where(cond.mask > 0, add_noise(cond.latents, eps, sigma), x)
 
 
 def finish(x: jax.Array, cond: LatentCondition) -> jax.Array:
@@ -63,9 +60,13 @@ def start_index(sigmas: np.ndarray, strength: float | None) -> int:
     """First step of an SDEdit solve: the grid point whose sigma is closest to `strength` (0 without one)."""
     if strength is None:
         return 0
+    _check_strength(strength)
+    return int(np.argmin(np.abs(np.asarray(sigmas, np.float64) - strength)))
+
+
+def _check_strength(strength: float) -> None:
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength {strength} is outside [0, 1]; use e.g. 0.6 (1 = ignore the input, 0 = keep it)")
-    return int(np.argmin(np.abs(np.asarray(sigmas, np.float64) - strength)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,8 +139,7 @@ def region(z: jax.Array, latent_given: np.ndarray) -> LatentCondition:
 
 def sdedit(z: jax.Array, strength: float) -> LatentCondition:
     """Start from `z` noised to `strength`, nothing held (video-to-video editing)."""
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength {strength} is outside [0, 1]; use e.g. 0.6 (1 = ignore the input, 0 = keep it)")
+    _check_strength(strength)
     return LatentCondition(z.astype(jnp.float32), jnp.zeros((*z.shape[:-1], 1), jnp.float32), float(strength))
 
 

@@ -108,7 +108,7 @@ def sample_sigmas(
 
 
 def add_noise(x0: jax.Array, noise: jax.Array, sigma: jax.Array) -> jax.Array:
-    """Interpolate data and noise at noise level sigma (one per example)."""
+    """Interpolate data and noise at noise level sigma: one per example [B], or one scalar for all."""
     s = sigma.reshape((-1,) + (1,) * (x0.ndim - 1)).astype(x0.dtype)  # [B] -> [B, 1, ..., 1]
     return (1.0 - s) * x0 + s * noise
 

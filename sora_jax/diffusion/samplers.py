@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sora_jax.diffusion import flow
-from sora_jax.diffusion.conditioning import LatentCondition, finish, hold, noised, start_index
+from sora_jax.diffusion.conditioning import LatentCondition, finish, hold, start_index
 
 
 class Denoiser(Protocol):
@@ -135,8 +135,33 @@ def conditioned_start(noise: jax.Array, latent_cond: LatentCondition | None, sig
     if latent_cond.strength is not None:
         # SDEdit: the input noised to the start step's sigma with the run's own noise; with no
         # step left (sigma 0) the input itself.
-        x = latent_cond.latents if k == len(sigmas) - 1 else noised(latent_cond.latents, noise, sigmas[k])
+        x = latent_cond.latents if k == len(sigmas) - 1 else flow.add_noise(latent_cond.latents, noise, sigmas[k])
     return k, hold(x, latent_cond, noise, sigmas[k])
+
+
+def holder(latent_cond: LatentCondition | None, noise: jax.Array) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """(x, sigma) -> x with the given cells held at sigma; the identity without a condition.
+
+    The identity keeps the unconditioned solve op-for-op what it is without conditioning support.
+    """
+    if latent_cond is None:
+        return lambda x, sigma: x
+    return lambda x, sigma: hold(x, latent_cond, noise, sigma)
+
+
+def conditioned_end(
+    x: jax.Array, traj: jax.Array | None, latent_cond: LatentCondition | None
+) -> tuple[jax.Array, jax.Array | None]:
+    """(final sample, trajectory) with the given cells set to the clean latents exactly.
+
+    Held cells end at (1 - 0) x0 + 0 eps, equal only up to rounding; this makes them bitwise.
+    """
+    if latent_cond is None:
+        return x, traj
+    x = finish(x, latent_cond)
+    if traj is not None and traj.shape[0]:
+        traj = traj.at[-1].set(x)
+    return x, traj
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,10 +199,7 @@ class FlowSampler(LoopSampler):
         t_next = jnp.concatenate([jnp.asarray(timesteps[1:]), jnp.zeros((1,), jnp.float32)])
         xs = (jnp.asarray(sigmas[:-1]), jnp.asarray(sigmas[1:]), jnp.asarray(timesteps), t_next)
         xs = tuple(a[k:] for a in xs)  # SDEdit starts part-way down the grid (k = 0 otherwise)
-
-        def held(x, s):
-            # The unconditioned path stays op-for-op what it was.
-            return x if latent_cond is None else hold(x, latent_cond, noise, s)
+        held = holder(latent_cond, noise)
 
         def step(x, per_step):
             s, s_next, t, tn = per_step
@@ -194,11 +216,7 @@ class FlowSampler(LoopSampler):
             # slope is undefined; lax.cond skips that network call instead of computing and discarding it.
             return jax.lax.cond(s_next > 0, heun, lambda _: x_euler, None)
 
-        x, traj = scan_steps(step, x0, xs, (lambda x: x) if keep else None)
-        if latent_cond is not None:
-            x = finish(x, latent_cond)  # the given cells exactly, not (1 - 0) x0 + 0 eps
-            traj = None if traj is None else traj.at[-1].set(x) if traj.shape[0] else traj
-        return x, traj
+        return conditioned_end(*scan_steps(step, x0, xs, (lambda x: x) if keep else None), latent_cond)
 
 
 FLOW_SOLVERS = ("euler", "heun", "unipc")

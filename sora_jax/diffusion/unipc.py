@@ -26,8 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from sora_jax.diffusion import flow
-from sora_jax.diffusion.conditioning import finish, hold
-from sora_jax.diffusion.samplers import LoopSampler, conditioned_start, guided_prediction, scan_steps
+from sora_jax.diffusion.samplers import (
+    LoopSampler,
+    conditioned_end,
+    conditioned_start,
+    guided_prediction,
+    holder,
+    scan_steps,
+)
 
 
 def _phi(h: float, order: int, solver_type: str) -> tuple[float, float, np.ndarray]:
@@ -156,10 +162,7 @@ class UniPCSampler(LoopSampler):
         xs = {k: jnp.asarray(v) for k, v in c.items()} | {"sigma": jnp.asarray(sigmas[:-1]), "t": jnp.asarray(timesteps)}
         if latent_cond is not None:
             xs["sigma_next"] = jnp.asarray(sigmas[1:])
-
-        def held(x, sigma):
-            # The unconditioned path stays op-for-op what it was.
-            return x if latent_cond is None else hold(x, latent_cond, noise, sigma)
+        held = holder(latent_cond, noise)
 
         def combine(w, hist):
             # Elementwise multiply-add, not einsum: a dot_general may run in bf16/TF32 passes on
@@ -180,7 +183,4 @@ class UniPCSampler(LoopSampler):
 
         hist0 = jnp.zeros((self.order, *noise.shape), noise.dtype)  # [order, *x.shape]
         (x, _, _), traj = scan_steps(step, (x_start, x_start, hist0), xs, (lambda c: c[0]) if keep else None)
-        if latent_cond is not None:
-            x = finish(x, latent_cond)  # the given cells exactly
-            traj = None if traj is None else traj.at[-1].set(x) if traj.shape[0] else traj
-        return x, traj
+        return conditioned_end(x, traj, latent_cond)
