@@ -20,12 +20,13 @@ import numpy as np
 from sora_jax.convert.bert import load_text_encoder
 from sora_jax.convert.t5 import abstract_t5_params
 from sora_jax.convert.wan_pipeline import PIPELINE_FILE, PIPELINE_KIND, T5_CONFIG_FILE
+from sora_jax.data.pipeline import uint8_to_float
 from sora_jax.diffusion import conditioning as lc
 from sora_jax.diffusion.samplers import Conditioning, LoopSampler, make_flow_sampler
 from sora_jax.models.text.encoder import T5TextEncoder, check_prompts
 from sora_jax.models.dit import DiT, DiTConfig, validate_latent_grid
 from sora_jax.models.text.t5 import T5Config
-from sora_jax.models.vae import CausalVAE, denormalize_latents, normalize_latents, validate_video_shape
+from sora_jax.models.vae import CausalVAE, denormalize_latents, normalize_latents
 from sora_jax.models.vae_codec import VideoCodec
 from sora_jax.train import checkpoint
 from sora_jax.train.dit_trainer import DIT_CONFIG_FILE, RUN_FILE, null_text
@@ -44,7 +45,8 @@ class DiTDenoiser:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _decode(vae: CausalVAE, params, z):
+def decode_latents(vae: CausalVAE, params: Any, z: jax.Array) -> jax.Array:
+    """Normalized latents [B, T', H', W', C] -> videos [B, T, H, W, 3] in [-1, 1] (chunked VAE decode)."""
     # Chunked: decoder memory stays that of one latent frame, whatever the video length.
     return VideoCodec(vae, chunked=True).decode_fn(params, denormalize_latents(z, vae.cfg))
 
@@ -153,9 +155,7 @@ class TextToVideo:
     def latent_shape(self, batch: int, frames: int | None = None, size: int | Sequence[int] | None = None) -> tuple[int, ...]:
         """Our channels-last noise shape (B, T', H', W', C) for a video size, validated against VAE and DiT."""
         frames, height, width = self._size(frames, size)
-        vcfg = self.vae.cfg
-        validate_video_shape(vcfg, frames, height, width)
-        grid = (1 + (frames - 1) // vcfg.temporal_factor, height // vcfg.spatial_factor, width // vcfg.spatial_factor)
+        grid = self.vae.cfg.latent_shape(frames, height, width)[:3]
         validate_latent_grid(self.dit_cfg, grid)
         return (batch, *grid, self.dit_cfg.in_channels)
 
@@ -216,14 +216,14 @@ class TextToVideo:
             raise ValueError(f"noise has shape {tuple(np.shape(noise))}, expected {shape} (B, T', H', W', C)")
         z = sampler(DiTDenoiser(self.dit_cfg), self.dit_params, jnp.asarray(noise, jnp.float32),
                     Conditioning(text, mask, jnp.asarray(n_text), jnp.asarray(n_mask)), None, latent_cond)
-        videos = np.asarray(_decode(self.vae, self.vae_params, z))
+        videos = np.asarray(decode_latents(self.vae, self.vae_params, z))
         return (videos, np.asarray(z)) if return_latents else videos
 
     def encode_video(self, video: np.ndarray) -> jax.Array:
         """Frames [T, H, W, 3] (uint8, or float in [-1, 1]) -> normalized latents [1, T', H', W', C]."""
         video = np.asarray(video)
         if video.dtype == np.uint8:
-            video = video.astype(np.float32) / 127.5 - 1.0
+            video = uint8_to_float(video)  # the training loaders' mapping, so inputs match training data
         return _encode_latents(self.vae, self.vae_params, jnp.asarray(video, jnp.float32)[None])
 
     def load_input(self, item: Input, height: int, width: int, frames: int, what: str = "input") -> np.ndarray:

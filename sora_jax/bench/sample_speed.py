@@ -30,7 +30,7 @@ import numpy as np
 
 # the VAE/DiT benchmarks' helpers: the same rounds, summaries and machine fields in every JSON
 from sora_jax.bench.dit_speed import dit_flops
-from sora_jax.bench.vae_speed import _interleaved, _summary, default_threads, machine_info
+from sora_jax.bench.harness import default_threads, interleaved, machine_info, summarize
 from sora_jax.bench.wan_tiny import SIZES, save_wan_pipeline
 
 STAGES = ("text", "loop", "decode", "postprocess")
@@ -107,13 +107,8 @@ def _jax_staged(t2v: Any, sampler: Any, opts: SampleBenchOptions,
                 noise: jax.Array) -> Callable[[], tuple[np.ndarray, dict]]:
     """`generate` split into its stages, each blocked on and timed: () -> (video in [0, 1], stage seconds)."""
     from sora_jax.diffusion.samplers import Conditioning
-    from sora_jax.models.vae import denormalize_latents
-    from sora_jax.models.vae_codec import VideoCodec
-    from sora_jax.pipeline import DiTDenoiser, to_unit_range
+    from sora_jax.pipeline import DiTDenoiser, decode_latents, to_unit_range
 
-    vae = t2v.vae
-    # the decode generate runs (chunked codec on denormalised latents), jitted here to time it alone
-    decode = jax.jit(lambda p, z: VideoCodec(vae, chunked=True).decode_fn(p, denormalize_latents(z, vae.cfg)))
     denoiser = DiTDenoiser(t2v.dit_cfg)
 
     def run() -> tuple[np.ndarray, dict[str, float]]:
@@ -126,7 +121,7 @@ def _jax_staged(t2v: Any, sampler: Any, opts: SampleBenchOptions,
         t1 = time.perf_counter()
         z = jax.block_until_ready(sampler(denoiser, t2v.dit_params, noise, cond))
         t2 = time.perf_counter()
-        video = jax.block_until_ready(decode(t2v.vae_params, z))
+        video = jax.block_until_ready(decode_latents(t2v.vae, t2v.vae_params, z))  # the decode generate runs
         t3 = time.perf_counter()
         out = to_unit_range(video)[0]
         t4 = time.perf_counter()
@@ -137,7 +132,7 @@ def _jax_staged(t2v: Any, sampler: Any, opts: SampleBenchOptions,
 
 
 def _stage_summary(per_call: list[dict[str, float]]) -> dict[str, Any]:
-    return {s: _summary([c[s] for c in per_call]) for s in STAGES}
+    return {s: summarize([c[s] for c in per_call]) for s in STAGES}
 
 
 def _agreement(ours: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
@@ -220,7 +215,7 @@ def _run(opts: SampleBenchOptions, tmp: Path) -> dict[str, Any]:
             jax_stage_calls.append(staged()[1])
 
         fns["jax_staged"] = jax_staged
-    timings = {k: _summary(v) for k, v in _interleaved(fns, opts.repeats, warmup=0).items()}
+    timings = {k: summarize(v) for k, v in interleaved(fns, opts.repeats, warmup=0).items()}
     med = lambda k: timings[k]["median_s"]  # noqa: E731
 
     dit = t2v.dit_cfg

@@ -25,18 +25,22 @@ from sora_jax.train.setup import dataclass_to_json
 SOURCE_FILE = "converted_from.json"
 
 
+def read_json_file(path: Path, fix: str) -> dict[str, Any]:
+    """A source folder's JSON file; a missing or broken one is a one-line error ending in `fix`."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; {fix}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-download it") from None
+
+
 def read_model_config(src: str | Path, class_name: str) -> dict[str, Any]:
     """The config.json of a diffusers model folder, checked to be of `class_name`."""
     src = Path(src)
     if not src.is_dir():
         raise NotADirectoryError(f"{src} is not a folder; pass the diffusers {class_name} folder (config.json + safetensors)")
-    path = src / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; pass the diffusers {class_name} folder (config.json + safetensors)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-download it") from None
+    config = read_json_file(src / "config.json", f"pass the diffusers {class_name} folder (config.json + safetensors)")
     found = config.get("_class_name", class_name)
     if found != class_name:
         raise ValueError(f"{src} holds a {found}, not a {class_name}; pass the right subfolder")

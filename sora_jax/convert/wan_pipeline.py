@@ -18,7 +18,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from sora_jax.convert.folders import _export, _write_atomically, convert_wan_dit, convert_wan_vae
+from sora_jax.convert.folders import _export, _write_atomically, convert_wan_dit, convert_wan_vae, read_json_file
 
 PIPELINE_FILE = "pipeline.json"
 T5_CONFIG_FILE = "t5_config.json"
@@ -40,21 +40,12 @@ _UNIPC_EXPECTED = dict(prediction_type="flow_prediction", use_flow_sigmas=True, 
                        solver_type="bh2", lower_order_final=True, final_sigmas_type="zero", thresholding=False)
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; {what}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-download it") from None
-
-
 def read_model_index(src: str | Path) -> dict[str, Any]:
     """model_index.json of a WanPipeline folder, its components and sub-folders checked."""
     src = Path(src)
     if not src.is_dir():
         raise NotADirectoryError(f"{src} is not a folder; {_LAYOUT}")
-    index = _read_json(src / "model_index.json", _LAYOUT)
+    index = read_json_file(src / "model_index.json", _LAYOUT)
     if index.get("_class_name") != "WanPipeline":
         raise ValueError(f"{src} holds a {index.get('_class_name')}, not a WanPipeline; {_LAYOUT}")
     if index.get("transformer_2") not in (None, [None, None]) or index.get("boundary_ratio") is not None:
@@ -74,7 +65,7 @@ def read_model_index(src: str | Path) -> dict[str, Any]:
 def scheduler_settings(src: str | Path) -> dict[str, Any]:
     """Solver name and flow shift from a WanPipeline's scheduler/scheduler_config.json."""
     path = Path(src) / "scheduler" / "scheduler_config.json"
-    cfg = _read_json(path, _LAYOUT)
+    cfg = read_json_file(path, _LAYOUT)
     name = cfg.get("_class_name")
     if name == "UniPCMultistepScheduler":
         for key, want in _UNIPC_EXPECTED.items():
