@@ -10,7 +10,7 @@ one is full.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -115,7 +115,7 @@ def assign_bucket(src_h: int, src_w: int, src_frames: int, spec: BucketSpec) -> 
 
 def skip_reason(src_h: int, src_w: int, src_frames: int, spec: BucketSpec) -> str:
     """Why no bucket fits: `too_short` if one fits by size alone, else `too_small`."""
-    if any(b.height <= src_h and b.width <= src_w for b in spec.buckets):
+    if any(fits(b, src_h, src_w, b.frames) for b in spec.buckets):  # by size alone
         return "too_short"
     return "too_small"
 
@@ -231,11 +231,3 @@ class BucketBatchDataset(grain.IterDataset):
     def __str__(self) -> str:
         return f"BucketBatchDataset(buckets={[b.name for b in self._spec.buckets]})"
 
-
-def bucket_counts(names: Iterable[str | None]) -> dict[str, int]:
-    """How many clips land in each bucket (None -> `skipped`), e.g. to tune batch sizes."""
-    out: dict[str, int] = {}
-    for n in names:
-        key = n if n is not None else "skipped"
-        out[key] = out.get(key, 0) + 1
-    return out

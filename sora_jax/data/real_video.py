@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -28,12 +27,7 @@ from PIL import Image
 
 from sora_jax.data.buckets import Bucket, BucketBatchDataset, BucketSpec, assign_bucket, skip_reason
 from sora_jax.data.pipeline import LoaderStats, _Corrupt, _DropCorrupt, _TolerantSource, uint8_to_float
-
-log = logging.getLogger(__name__)
-
-VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-MANIFEST_SUFFIXES = (".jsonl", ".csv")
+from sora_jax.data.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, cover_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,8 +254,7 @@ class FrameSampling:
 
 def _crop_box(h: int, w: int, bucket: Bucket, rng: np.random.Generator) -> tuple[int, int, int, int]:
     """Resize target (rh, rw) covering the bucket with the aspect kept, and a random crop origin."""
-    scale = max(bucket.height / h, bucket.width / w)
-    rh, rw = max(bucket.height, round(h * scale)), max(bucket.width, round(w * scale))
+    rh, rw = cover_size(h, w, bucket.height, bucket.width)
     y0 = int(rng.integers(0, rh - bucket.height + 1))
     x0 = int(rng.integers(0, rw - bucket.width + 1))
     return rh, rw, y0, x0

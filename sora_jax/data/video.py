@@ -53,9 +53,8 @@ def write_gif(path: str | Path, video: np.ndarray, fps: int = 8, scale: int = 1)
 
 
 def read_video(path: str | Path) -> np.ndarray:
-    """Decode every frame of a video file to uint8 [T, H, W, 3]."""
-    with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    """Decode every frame of a video (or an image, as one frame) to uint8 [T, H, W, 3]."""
+    return read_frames(path)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -91,6 +90,12 @@ def read_frames(path: str | Path, max_frames: int | None = None) -> np.ndarray:
     return frames[:max_frames]
 
 
+def cover_size(h: int, w: int, height: int, width: int) -> tuple[int, int]:
+    """The aspect-kept size (rh, rw) of an h x w frame scaled to just cover height x width."""
+    scale = max(height / h, width / w)
+    return max(height, round(h * scale)), max(width, round(w * scale))
+
+
 def fit_video(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize uint8 frames [T, h, w, 3] to cover height x width (aspect kept), then center-crop to it."""
     frames = np.asarray(frames)
@@ -100,8 +105,7 @@ def fit_video(frames: np.ndarray, height: int, width: int) -> np.ndarray:
         raise ValueError(f"input frames have shape {frames.shape}; pass images [H, W, 3] or videos [T, H, W, 3]")
     frames = to_uint8(frames)
     t, h, w, _ = frames.shape
-    scale = max(height / h, width / w)
-    rh, rw = max(height, round(h * scale)), max(width, round(w * scale))
+    rh, rw = cover_size(h, w, height, width)
     top, left = (rh - height) // 2, (rw - width) // 2
     out = np.empty((t, height, width, 3), np.uint8)
     for i, f in enumerate(frames):
