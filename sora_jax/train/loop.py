@@ -49,14 +49,20 @@ def _sigterm_flag():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _stop_agreed(flag: threading.Event) -> bool:
-    """Whether any process got SIGTERM; every process must take the same decision or the saves deadlock."""
+def _stop_agreed(flag: threading.Event, step: int, every: int) -> bool:
+    """Whether any process got SIGTERM; every process must take the same decision or the saves deadlock.
+
+    One process checks its flag every step. Several exchange flags only every `every` steps (the log
+    interval, where the loop waits for the device anyway): hosts are preempted at different moments,
+    so a local flag alone would leave some hosts in the collective save while others run the next
+    step, and an all-gather per step would stop the host from running ahead of the device.
+    """
     if jax.process_count() == 1:
         return flag.is_set()
+    if step % every:
+        return False
     from jax.experimental import multihost_utils
 
-    # One tiny all-gather per step; hosts are preempted at different moments, so a local flag alone
-    # would leave some hosts in the collective save while others run the next step.
     return bool(np.max(multihost_utils.process_allgather(np.int32(flag.is_set()))))
 
 
@@ -119,7 +125,7 @@ def run_loop(
                 pending = None
             if step % log_every == 0 or step == total_steps:
                 pending = (step, metrics, bad)
-            if _stop_agreed(sigterm):
+            if _stop_agreed(sigterm, step, log_every):
                 _check_finite(bad, manager)
                 if pending is not None:
                     logger.log(*pending[:2])
