@@ -26,9 +26,9 @@ from sora_jax.models.vae_blocks import (
     torch_like_init,
 )
 
-# diffusers' AutoencoderKLWan defaults: per-channel statistics of Wan2.1 latents.
-CONV_IMPLS = ("auto", "xla", "sum_time")
+CONV_IMPLS = ("auto", "xla", "sum_time")  # VAEConfig.conv_impl values
 
+# diffusers' AutoencoderKLWan defaults: per-channel statistics of Wan2.1 latents.
 WAN21_LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
@@ -55,7 +55,8 @@ class VAEConfig:
     latents_std: tuple[float, ...] | None = None
     attention_backend: str = "xla"
     # How 3D convs are lowered: "xla" (3D convolutions), "sum_time" (per-frame 2D convs summed over
-    # the time taps, ~2.5x faster on XLA:CPU) or "auto" (sum_time on CPU, xla elsewhere).
+    # the time taps; 1.1-2.6x faster on XLA:CPU, docs/benchmarks.md) or "auto" (sum_time on CPU,
+    # xla elsewhere).
     conv_impl: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32

@@ -146,8 +146,9 @@ def conv3d_sum_time(
     """A [N, T, H, W, C] x [kt, kh, kw, C, O] conv as the sum over time taps of per-frame 2D convs.
 
     Same result as the 3D conv up to float summation order. Why: XLA:CPU (jaxlib 0.10) lowers
-    3-spatial-dim convolutions to a generic loop nest but 2D ones to YNNPACK kernels, 2.2-3.3x
-    faster end to end on our VAE (docs/benchmarks.md); 1x1 spatial taps become plain matmuls.
+    3-spatial-dim convolutions to a generic loop nest but 2D ones to YNNPACK kernels: the VAE runs
+    2.2-2.6x faster on a small config, 1.1-1.25x at Wan2.1 width (docs/benchmarks.md). 1x1
+    spatial taps become plain matmuls.
     """
     kt = kernel.shape[0]
     st, sh, sw = strides
