@@ -9,13 +9,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from sora_jax.bench.vae_speed import (
-    BenchOptions,
-    format_report,
-    markdown_table,
-    rewrite_convs,
-    run_in_fresh_process,
-)
+from sora_jax.bench.harness import run_in_fresh_process
+from sora_jax.bench.vae_speed import BenchOptions, format_report, markdown_table, rewrite_convs
 from tests.test_vae import CONV3D_CASES
 
 
@@ -69,3 +64,15 @@ def test_fresh_process_runner_returns_result_or_error():
     assert run_in_fresh_process("os.path:join", ["a", "b"]) == "a/b"
     r = run_in_fresh_process("os.path:no_such_function", [], xla_flags="--xla_dump_to=/dev/null")
     assert r["xla_flags"] == "--xla_dump_to=/dev/null" and "no_such_function" in r["error"]
+
+
+def test_conv_layer_bench_smoke():
+    pytest.importorskip("torch")
+    from sora_jax.bench.conv_layer import ConvLayer, format_row, run_layer
+
+    r = run_layer(ConvLayer(batch=1, frames=2, size=8, channels_in=4, channels_out=4, repeats=1))
+    json.dumps(r)  # the script writes it as JSON
+    assert set(r["gflops"]) == {"jax_xla_3d", "jax_sum_time", "torch_conv3d"} and min(r["gflops"].values()) > 0
+    a = r["agreement_max_abs_diff"]
+    assert a["sum_time"] < 1e-4 and a["torch"] < 1e-4 and a["ref_max_abs"] > 1e-2  # the same conv, not zeros
+    assert r["torch_backend"] and format_row(r).startswith("| 1x2x8x8, 4->4 |")

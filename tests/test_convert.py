@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sora_jax.bench.harness import perturb_weights
 from sora_jax.cli import main
 from tests.test_cli import _run_error
 
@@ -20,19 +21,11 @@ _VAE_KW = dict(base_dim=16, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, at
                temperal_downsample=[False, True, True], latents_mean=[0.1] * 4, latents_std=[2.0] * 4)
 
 
-def _perturbed(model):
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():  # every weight off its init so a mix-up shows
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def wan_vae_folder(tmp_path_factory):
     """A diffusers AutoencoderKLWan saved the way the hub ships it (config.json + safetensors)."""
     torch.manual_seed(0)
-    ref = _perturbed(diffusers.AutoencoderKLWan(**_VAE_KW))
+    ref = perturb_weights(diffusers.AutoencoderKLWan(**_VAE_KW), 0.05)  # every weight off its init
     src = tmp_path_factory.mktemp("wan_vae")
     ref.save_pretrained(src)
     return ref, src
@@ -107,9 +100,9 @@ def test_convert_wan_dit_sharded(capsys, tmp_path):
     from sora_jax.train.setup import dataclass_from_json, on_one_device
 
     torch.manual_seed(0)
-    ref = _perturbed(diffusers.WanTransformer3DModel(
+    ref = perturb_weights(diffusers.WanTransformer3DModel(
         num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4, text_dim=24,
-        ffn_dim=64, num_layers=2))
+        ffn_dim=64, num_layers=2), 0.05)
     src = tmp_path / "transformer"
     ref.save_pretrained(src, max_shard_size="40KB")
     index = src / "diffusion_pytorch_model.safetensors.index.json"

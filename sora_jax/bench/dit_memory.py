@@ -8,11 +8,8 @@ compiles in its own interpreter (`run_isolated`), so one compile's caches cannot
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
 import time
 from typing import Any
 
@@ -20,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sora_jax.bench.harness import run_in_fresh_process
 from sora_jax.models.dit import DiT, dit_config
 
 GIB = 1024**3
@@ -68,17 +66,15 @@ def train_step_memory(
     }
 
 
+def train_step_memory_at(tokens: str) -> dict[str, Any]:
+    """`train_step_memory` of a token count given as text (the entry point `run_isolated` starts)."""
+    return train_step_memory(int(tokens))
+
+
 def run_isolated(tokens: int, timeout: float | None = 1800) -> dict[str, Any]:
     """`train_step_memory` in a fresh interpreter; an 'error' entry if that process fails."""
-    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "sora_jax.bench.dit_memory", str(tokens)],
-        env=env, capture_output=True, text=True, timeout=timeout,
-    )
-    if proc.returncode != 0 or "@@RESULT@@" not in proc.stdout:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"tokens": tokens, "error": " | ".join(tail) or f"exit code {proc.returncode}"}
-    return json.loads(proc.stdout.rsplit("@@RESULT@@", 1)[1])
+    r = run_in_fresh_process("sora_jax.bench.dit_memory:train_step_memory_at", [str(tokens)], timeout=timeout)
+    return {"tokens": tokens, "error": r["error"]} if "error" in r else r
 
 
 def sweep(tokens: list[int]) -> dict[str, Any]:
@@ -116,7 +112,3 @@ def format_sweep(s: dict[str, Any]) -> str:
                 f"load {s['loadavg_start'][0]:.2f} -> {s['loadavg_end'][0]:.2f}")
     return "\n".join(rows)
 
-
-if __name__ == "__main__":
-    result = train_step_memory(int(sys.argv[1]), *sys.argv[2:4])
-    sys.stdout.write("\n@@RESULT@@" + json.dumps(result))

@@ -26,8 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# the VAE benchmark's timing helpers: the same A B A B rounds and summary fields in both JSONs
-from sora_jax.bench.vae_speed import _interleaved, _summary, default_threads, machine_info, run_in_fresh_process
+from sora_jax.bench.harness import (
+    default_threads,
+    interleaved,
+    machine_info,
+    perturb_weights,
+    run_in_fresh_process,
+    summarize,
+)
 from sora_jax.models.dit import DiT, DiTConfig
 
 
@@ -109,10 +115,7 @@ def build_pair(opts: BenchOptions) -> tuple[Any, DiTConfig, dict[str, Any]]:
     from sora_jax.convert.wan_dit import convert_wan_dit_state_dict, dit_config_from_diffusers
 
     torch.manual_seed(opts.seed)
-    ref = WanTransformer3DModel(**opts.diffusers_kwargs()).float()
-    with torch.no_grad():
-        for p in ref.parameters():  # off the zero/one inits (zero head!) so every weight matters
-            p.add_(torch.randn_like(p) * 0.02)
+    ref = perturb_weights(WanTransformer3DModel(**opts.diffusers_kwargs()).float(), 0.02, seed=None)
     cfg = dit_config_from_diffusers(dict(ref.config))
     state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
     return ref, cfg, jax.tree_util.tree_map(jnp.asarray, convert_wan_dit_state_dict(state, cfg))
@@ -245,13 +248,13 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
     # The matmul peak is sampled in every round too: under load the peak moves with the steps, so
     # MFU compares a step with the peak measured seconds from it (medians), or best with best.
     mm = matmul_fns(opts.peak_size)
-    timings_raw = _interleaved({"jax_train_step": jax_step, "torch_train_step": torch_step, **mm},
+    timings_raw = interleaved({"jax_train_step": jax_step, "torch_train_step": torch_step, **mm},
                                opts.repeats, opts.warmup)
     # torch's weights have moved by a few AdamW steps by now; the work per forward is the same
-    forward_raw = _interleaved({"jax_forward": run_fwd, "torch_forward": torch_forward, **mm}, opts.repeats, opts.warmup)
+    forward_raw = interleaved({"jax_forward": run_fwd, "torch_forward": torch_forward, **mm}, opts.repeats, opts.warmup)
     for k, v in forward_raw.items():
         timings_raw[k] = timings_raw.get(k, []) + v
-    timings = {k: _summary(v) for k, v in timings_raw.items()}
+    timings = {k: summarize(v) for k, v in timings_raw.items()}
     mm_flops = 2.0 * opts.peak_size**3
     peak = {
         "median": max(mm_flops / timings[k]["median_s"] / 1e9 for k in mm),
@@ -368,7 +371,7 @@ def jax_step_profile(opts: BenchOptions, trace_dir: str) -> dict[str, Any]:
         holder["state"], loss = step(holder["state"], batch)
         jax.block_until_ready(loss)
 
-    times = _interleaved({"step": run}, opts.repeats, opts.warmup)["step"]
+    times = interleaved({"step": run}, opts.repeats, opts.warmup)["step"]
     jax.profiler.start_trace(trace_dir)
     t0 = time.perf_counter()
     run()
@@ -387,7 +390,7 @@ def jax_step_profile(opts: BenchOptions, trace_dir: str) -> dict[str, Any]:
     busy = sum(by_cat.values())
     return {
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "step": _summary(times),
+        "step": summarize(times),
         "profiled_step_s": wall,
         # thread-seconds per category (summed over XLA's worker threads) and their share of the sum
         "thunk_s": by_cat,

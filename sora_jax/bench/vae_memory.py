@@ -1,6 +1,6 @@
 """Peak memory of VAE decode/encode vs video length, chunked codec vs whole clip.
 
-Each (mode, frames) point runs in its own interpreter (`run_point` via `python -m`), so peak RSS is
+Each (mode, frames) point runs in its own interpreter (`run_isolated`), so peak RSS is
 that point's alone. Two measures per point:
 - XLA's compiled buffer plan (`memory_analysis`): arguments + outputs + temporaries, the figure an
   accelerator would need, independent of the allocator;
@@ -12,15 +12,14 @@ that point's alone. Two measures per point:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import subprocess
-import sys
+import os
 from typing import Any
 
 import jax
 
+from sora_jax.bench.harness import run_in_fresh_process
 from sora_jax.models.vae import CausalVAE, VAEConfig, init_vae_variables
 from sora_jax.models.vae_codec import VideoCodec
 
@@ -93,14 +92,17 @@ def measure_point(p: MemoryPoint) -> dict[str, Any]:
     return out
 
 
+def measure_from_json(point_json: str) -> dict[str, Any]:
+    """`measure_point` of a JSON-encoded MemoryPoint (the entry point `run_isolated` starts)."""
+    return measure_point(MemoryPoint(**json.loads(point_json)))
+
+
 def run_isolated(p: MemoryPoint) -> dict[str, Any]:
     """`measure_point` in a fresh interpreter, so peak RSS belongs to this point alone."""
-    cmd = [sys.executable, "-m", "sora_jax.bench.vae_memory", json.dumps(dataclasses.asdict(p))]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
-        return dataclasses.asdict(p) | {"error": tail[0]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # platforms=None: the backend the caller's environment selects, as for an in-process run
+    r = run_in_fresh_process("sora_jax.bench.vae_memory:measure_from_json", [json.dumps(dataclasses.asdict(p))],
+                             platforms=None)
+    return dataclasses.asdict(p) | {"error": r["error"]} if "error" in r else r
 
 
 def sweep(points: list[MemoryPoint]) -> dict[str, Any]:
@@ -117,16 +119,6 @@ def sweep(points: list[MemoryPoint]) -> dict[str, Any]:
             row["rss_peak_ratio"] = row["rss_peak_mib"] / first["rss_peak_mib"]
             row["rss_growth_ratio"] = row["rss_growth_mib"] / max(first["rss_growth_mib"], 1e-9)
     env = {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
-           "cpu_count": __import__("os").cpu_count()}
+           "cpu_count": os.cpu_count()}
     return {"env": env, "rows": rows}
 
-
-def _main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("point", help="MemoryPoint as JSON")
-    point = MemoryPoint(**json.loads(parser.parse_args().point))
-    print(json.dumps(measure_point(point)))
-
-
-if __name__ == "__main__":
-    _main()

@@ -21,10 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
-import statistics
-import subprocess
-import sys
 import time
 from typing import Any, Callable
 
@@ -34,6 +30,14 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from sora_jax.bench.harness import (
+    default_threads,
+    interleaved,
+    machine_info,
+    perturb_weights,
+    run_in_fresh_process,
+    summarize,
+)
 from sora_jax.models.vae import CausalVAE, VAEConfig
 
 # diffusers AutoencoderKLWan kwargs per benchmark config. attn_scales stays empty everywhere:
@@ -114,52 +118,10 @@ def build_pair(name: str, seed: int = 0) -> tuple[Any, VAEConfig, dict[str, Any]
     from sora_jax.convert.wan_vae import convert_wan_vae_state_dict
 
     torch.manual_seed(seed)
-    ref = AutoencoderKLWan(**diffusers_kwargs(name)).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            # norm gammas/biases off their 1/0 init so the comparison exercises them too
-            p.add_(torch.randn_like(p) * 0.02)
+    ref = perturb_weights(AutoencoderKLWan(**diffusers_kwargs(name)), 0.02, seed=None)
     cfg = VAEConfig.from_diffusers(dict(ref.config))
     state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
     return ref, cfg, convert_wan_vae_state_dict(state, cfg)
-
-
-def default_threads() -> int:
-    """Cores this process may use: what XLA:CPU sizes its Eigen pool by (affinity, not cpu_count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def machine_info() -> dict[str, Any]:
-    """Cores, thread counts, versions and load: what a timing needs to be read."""
-    import diffusers
-    import flax
-    import jaxlib
-    import torch
-
-    cpu_model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu_model)
-    except OSError:
-        pass
-    return {
-        "cpu_model": cpu_model,
-        "os_cpu_count": os.cpu_count(),
-        "affinity_cpus": default_threads(),
-        "jax_threads": default_threads(),  # XLA:CPU's pool; not settable per process
-        "torch_threads": torch.get_num_threads(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "flax": flax.__version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "backend": jax.default_backend(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "python": platform.python_version(),
-        "loadavg_start": list(os.getloadavg()),
-    }
 
 
 # --------------------------------------------------------------------------- conv lowering prototypes
@@ -309,26 +271,9 @@ def rewrite_convs(fn: Callable, impl: str) -> Callable:
 # --------------------------------------------------------------------------- measuring
 
 
-def _summary(times: list[float]) -> dict[str, Any]:
-    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
-
-
 def _max_diff(ours: Any, theirs: np.ndarray) -> dict[str, float]:
     ours = np.asarray(ours)
     return {"max_abs_diff": float(np.abs(ours - theirs).max()), "ref_max_abs": float(np.abs(theirs).max())}
-
-
-def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Wall time of each fn per round, fns alternating within a round; warm-up rounds dropped."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(warmup + repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-            if r >= warmup:
-                times[k].append(dt)
-    return times
 
 
 def _compile(fn: Callable, *args: Any) -> tuple[Any, dict[str, Any]]:
@@ -435,7 +380,7 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
         round_fns.update({k: f for k, f in compiled.items() if k.startswith(f"jax_{op}@")})
         if torch_fn is not None:
             round_fns[f"torch_{op}"] = torch_fn
-    timings = {k: _summary(v) for k, v in _interleaved(round_fns, opts.repeats, opts.warmup).items()}
+    timings = {k: summarize(v) for k, v in interleaved(round_fns, opts.repeats, opts.warmup).items()}
     med = lambda k: timings[k]["median_s"]  # noqa: E731
 
     result: dict[str, Any] = {
@@ -470,33 +415,6 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
         result["conv_share"] = share
     machine["loadavg_end"] = list(os.getloadavg())
     return result
-
-
-def run_in_fresh_process(
-    target: str, args: list[str], xla_flags: str = "", timeout: float | None = None
-) -> dict[str, Any]:
-    """Call `module:function(*args)` (returning a JSON-able dict) in a fresh Python with extra XLA flags.
-
-    XLA reads its flags once, when the backend starts, so a flag set needs its own process. A
-    failure comes back as {"xla_flags", "error": last lines of output} so a sweep goes on.
-    """
-    module, func = target.split(":")
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    code = (
-        "import json, sys\n"
-        f"from {module} import {func}\n"
-        f"r = {func}(*sys.argv[1:])\n"
-        "sys.stdout.write('\\n@@RESULT@@' + json.dumps(r))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if proc.returncode != 0 or "@@RESULT@@" not in proc.stdout:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"xla_flags": xla_flags, "error": " | ".join(tail) or f"exit code {proc.returncode}"}
-    return json.loads(proc.stdout.rsplit("@@RESULT@@", 1)[1])
 
 
 def run_from_json(opts_json: str) -> dict[str, Any]:

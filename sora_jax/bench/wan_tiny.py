@@ -13,6 +13,8 @@ import io
 from pathlib import Path
 from typing import Any
 
+from sora_jax.bench.harness import perturb_weights
+
 SENTENCES = [
     "two balls, red and blue; the red ball falls", "a blue ball bounces off the wall",
     "three balls roll to the left", "the green ball rests on the floor", "a small red ball jumps high",
@@ -55,16 +57,6 @@ SIZES: dict[str, WanSize] = {
 }
 
 
-def _perturbed(model: Any, scale: float) -> Any:
-    import torch
-
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():  # every weight off its init so a mix-up shows
-            p.add_(torch.randn_like(p) * scale)
-    return model.eval()
-
-
 def train_tokenizer(folder: str | Path, vocab_size: int = 120) -> Any:
     """A T5TokenizerFast over a SentencePiece unigram model trained on SENTENCES (T5 ids: pad 0, eos 1, unk 2)."""
     import sentencepiece as spm
@@ -91,11 +83,11 @@ def build_wan_pipeline(size: str, workdir: str | Path, *, shift: float = 3.0, sc
     s = SIZES[size]
     tokenizer = train_tokenizer(Path(workdir) / "spm", s.vocab_size)
     torch.manual_seed(0)
-    vae = _perturbed(diffusers.AutoencoderKLWan(**s.vae), scale)
-    transformer = _perturbed(diffusers.WanTransformer3DModel(**s.transformer), scale)
+    vae = perturb_weights(diffusers.AutoencoderKLWan(**s.vae), scale)
+    transformer = perturb_weights(diffusers.WanTransformer3DModel(**s.transformer), scale)
     t5_cfg = transformers.UMT5Config(vocab_size=len(tokenizer), dropout_rate=0.0, feed_forward_proj="gated-gelu",
                                      **s.umt5)
-    text_encoder = _perturbed(transformers.UMT5EncoderModel(t5_cfg), scale)
+    text_encoder = perturb_weights(transformers.UMT5EncoderModel(t5_cfg), scale)
     scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                   flow_shift=shift)
     pipe = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
