@@ -72,16 +72,21 @@ def _fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> Partit
     return PartitionSpec(*out)
 
 
-def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
-    """NamedShardings for a pytree of (possibly LogicallyPartitioned) abstract arrays."""
-    specs = nn.get_partition_spec(abstract_boxed)
-    mesh_specs = nn.logical_to_mesh(specs, rules)
+def unbox_abstract(abstract_boxed: Any) -> Any:
+    """Strip LogicallyPartitioned boxes from a pytree of abstract arrays."""
     # Not nn.meta.unbox: under a mesh it adds sharding constraints, which abstract values cannot take.
-    unboxed = jax.tree.map(
+    return jax.tree.map(
         lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
         abstract_boxed,
         is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
     )
+
+
+def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
+    """NamedShardings for a pytree of (possibly LogicallyPartitioned) abstract arrays."""
+    specs = nn.get_partition_spec(abstract_boxed)
+    mesh_specs = nn.logical_to_mesh(specs, rules)
+    unboxed = unbox_abstract(abstract_boxed)
     return jax.tree.map(
         lambda leaf, spec: NamedSharding(mesh, _fit_spec(spec, leaf.shape, mesh)),
         unboxed,

@@ -13,7 +13,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from sora_jax.parallel.mesh import logical_shardings
+from sora_jax.parallel.mesh import logical_shardings, unbox_abstract
 
 
 @flax.struct.dataclass
@@ -65,15 +65,10 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
     )
 
 
-def create_sharded_state(
-    init_params: Callable[[jax.Array], Any],
-    tx: optax.GradientTransformation,
-    ema_decay: float,
-    mesh: Mesh,
-    rules,
-    rng: jax.Array,
-) -> tuple[TrainState, Any]:
-    """Initialise a TrainState directly into its shardings; returns (state, state_shardings)."""
+def _state_initializer(
+    init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation, ema_decay: float
+) -> Callable[[jax.Array], TrainState]:
+    """key -> TrainState whose leaves keep their LogicallyPartitioned boxes."""
 
     def init_boxed(key):
         params = init_params(key)  # LogicallyPartitioned leaves
@@ -87,11 +82,43 @@ def create_sharded_state(
             ema_decay=ema_decay,
         )
 
+    return init_boxed
+
+
+def create_sharded_state(
+    init_params: Callable[[jax.Array], Any],
+    tx: optax.GradientTransformation,
+    ema_decay: float,
+    mesh: Mesh,
+    rules,
+    rng: jax.Array,
+) -> tuple[TrainState, Any]:
+    """Initialise a TrainState directly into its shardings; returns (state, state_shardings)."""
+    init_boxed = _state_initializer(init_params, tx, ema_decay)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         abstract = jax.eval_shape(init_boxed, rng)
         shardings = logical_shardings(abstract, mesh, rules)
         state = jax.jit(lambda k: nn.meta.unbox(init_boxed(k)), out_shardings=shardings)(rng)
     return state, shardings
+
+
+def abstract_sharded_state(
+    init_params: Callable[[jax.Array], Any],
+    tx: optax.GradientTransformation,
+    ema_decay: float,
+    mesh: Mesh,
+    rules,
+) -> tuple[TrainState, Any]:
+    """The TrainState as ShapeDtypeStructs with shardings, allocating nothing: (state, state_shardings).
+
+    For ahead-of-time compiles (layout benchmarks), where the mesh may be made of compile-only devices.
+    """
+    init_boxed = _state_initializer(init_params, tx, ema_decay)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract = jax.eval_shape(init_boxed, key)
+        shardings = logical_shardings(abstract, mesh, rules)
+    return abstract_state(shardings, unbox_abstract(abstract)), shardings
 
 
 def abstract_state(state_shardings, abstract_unboxed) -> Any:
