@@ -32,9 +32,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.ema_decay = 0.995 if a.runlocal else 0.9999
     c.diffusion = ml_collections.ConfigDict(
         {
-            "objective": "flow",  # rectified flow, velocity target eps - x0
+            # "flow": rectified flow, velocity target eps - x0 (timestep_sampling/shift apply);
+            # "ddpm": discrete VP diffusion with the `ddpm` fields below, sampled with DDIM.
+            "objective": "flow",
             "timestep_sampling": "logit_normal",
             "shift": 1.0,
+            "ddpm": ml_collections.ConfigDict({
+                "prediction": "epsilon",  # or "v_prediction"
+                "beta_schedule": "linear",  # or "cosine"
+                "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+            }),
+            # Per-example loss weighting of either objective: none | min_snr | truncated_snr
+            # (sora_jax/diffusion/weighting.py); snr_gamma is min-SNR's gamma.
+            "weighting": "none",
+            "snr_gamma": 5.0,
             "text_dropout": 0.1,  # classifier-free guidance: train unconditionally this often
             # Conditioning-mask strategies (sora_jax/diffusion/conditioning.py) per example: given
             # latent cells are fed clean and left out of the loss, so one model serves i2v, extend,
@@ -47,8 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             }),
         }
     )
+    # solver "auto": euler for flow runs, ddim for DDPM runs; or euler | heun | unipc | ddim.
     c.sample = ml_collections.ConfigDict(
-        {"solver": "euler", "steps": 30, "guidance": 4.0, "shift": 3.0, "fps": 8}
+        {"solver": "auto", "steps": 30, "guidance": 4.0, "shift": 3.0, "fps": 8}
     )
     c.train = common.train_config(steps=1500 if a.runlocal else 200_000)
     return c

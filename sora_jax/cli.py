@@ -48,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--latents", help="initial noise .npy in diffusers layout (B, C, T', H', W'), e.g. to match diffusers")
     s.add_argument("--steps", type=int)
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale (Wan: <= 1 disables it)")
-    s.add_argument("--sampler", "--solver", dest="solver", choices=("euler", "heun", "unipc"),
-                   help="flow solver (default: the checkpoint's scheduler / the run's config)")
+    s.add_argument("--sampler", "--solver", dest="solver", choices=("euler", "heun", "unipc", "ddim"),
+                   help="solver: euler/heun/unipc for flow models, ddim for DDPM-trained runs "
+                        "(default: the checkpoint's scheduler / the run's config)")
     s.add_argument("--max-sequence-length", type=int, help="text tokens per prompt (Wan only; default 512)")
     s.add_argument("--frames", type=int, help="video frames, 4k+1")
     s.add_argument("--size", type=int, help="height and width in pixels")

@@ -22,6 +22,8 @@ from sora_jax.convert.t5 import abstract_t5_params
 from sora_jax.convert.wan_pipeline import PIPELINE_FILE, PIPELINE_KIND, T5_CONFIG_FILE
 from sora_jax.data.pipeline import uint8_to_float
 from sora_jax.diffusion import conditioning as lc
+from sora_jax.diffusion.ddim import DDIMSampler
+from sora_jax.diffusion.ddpm import DDPMObjective
 from sora_jax.diffusion.samplers import Conditioning, LoopSampler, make_flow_sampler
 from sora_jax.models.text.encoder import T5TextEncoder, check_prompts
 from sora_jax.models.dit import DiT, DiTConfig, validate_latent_grid
@@ -134,11 +136,23 @@ class TextToVideo:
         return cls(vae, vae_params, dit_cfg, params, text_encoder, run)
 
     def make_sampler(self, solver: str | None = None, steps: int | None = None, guidance: float | None = None) -> LoopSampler:
-        """The flow sampler of this model's defaults, with any of solver/steps/guidance overridden."""
+        """The sampler of this model's defaults (flow solver, or DDIM for a DDPM run), any field overridden."""
         s = self.defaults["sample"]
+        objective = self.defaults.get("objective", {"kind": "flow"})  # runs before DDPM support: flow
+        ddpm_run = objective["kind"] == "ddpm"
         solver = solver or s["solver"]
+        if solver == "auto":
+            solver = "ddim" if ddpm_run else "euler"
         guidance = s["guidance"] if guidance is None else guidance
-        fields: dict[str, Any] = dict(num_steps=steps or s["steps"], shift=s["shift"])
+        num_steps = steps or s["steps"]
+        if ddpm_run != (solver == "ddim"):
+            raise ValueError(
+                f"solver {solver!r} does not fit a model trained with the {objective['kind']} objective; use "
+                + ("--sampler ddim" if ddpm_run else "--sampler euler, heun or unipc"))
+        if ddpm_run:
+            fields = {k: v for k, v in objective.items() if k != "kind"}
+            return DDIMSampler(num_steps=num_steps, guidance=guidance, objective=DDPMObjective(**fields))
+        fields: dict[str, Any] = dict(num_steps=num_steps, shift=s["shift"])
         if self.kind == PIPELINE_KIND:
             # diffusers' grids: FlowMatchEulerDiscreteScheduler(shift) for Euler/Heun, UniPC's flow sigmas;
             # WanPipeline runs without guidance (conditional branch only) whenever guidance <= 1.

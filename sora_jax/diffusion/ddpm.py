@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sora_jax.diffusion.weighting import WEIGHTINGS, loss_weight
+from sora_jax.diffusion.weighting import WEIGHTINGS, loss_weight, per_example_mean
 
 BETA_SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -112,6 +112,12 @@ class DDPMObjective:
         """Uniform integer training timesteps [batch] in [0, T)."""
         return jax.random.randint(rng, (batch,), 0, self.num_train_timesteps)
 
+    sample_times = sample_timesteps  # the training interface shared with FlowObjective
+
+    def model_time(self, t: jax.Array) -> jax.Array:
+        """The timestep the network sees: the integer DDPM step, as DDIM feeds it."""
+        return t.astype(jnp.float32)
+
     def add_noise(self, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
         """Forward process at integer timesteps t [B]."""
         return add_noise(x0, noise, self._abar(t))
@@ -131,8 +137,10 @@ class DDPMObjective:
         """Per-example weight of the target MSE at timesteps t [B]."""
         return loss_weight(self.snr(t), self.weighting, self.prediction, self.snr_gamma)
 
-    def loss(self, pred: jax.Array, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
-        """Weighted MSE of the prediction per example [B]."""
+    def loss(
+        self, pred: jax.Array, x0: jax.Array, noise: jax.Array, t: jax.Array, given: jax.Array | None = None
+    ) -> jax.Array:
+        """Weighted MSE of the prediction per example [B], conditioning cells (`given`) left out."""
         err = jnp.square(pred.astype(jnp.float32) - self.target(x0, noise, t))
-        per_example = err.reshape(err.shape[0], -1).mean(axis=1)  # [B, ...] -> [B]
+        per_example = per_example_mean(err, given)
         return per_example if self.weighting == "none" else per_example * self.weight(t)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sora_jax.diffusion.weighting import WEIGHTINGS, loss_weight
+from sora_jax.diffusion.weighting import WEIGHTINGS, loss_weight, per_example_mean
 
 TIME_SCALE = 1000.0
 # Sampling schedules (sigma grids) a flow sampler can walk; see `flow_schedule`.
@@ -131,13 +131,7 @@ def flow_loss(
     `given` (broadcastable to x0, 1 = a conditioning cell fed clean) leaves those cells out of the mean.
     """
     err = jnp.square(pred.astype(jnp.float32) - velocity_target(x0, noise).astype(jnp.float32))
-    if given is None:
-        per_example = err.reshape(err.shape[0], -1).mean(axis=1)  # [B, ...] -> [B]
-    else:
-        free = jnp.broadcast_to(1.0 - given.astype(jnp.float32), err.shape)
-        # Mean over the generated cells only; an example with none left contributes 0.
-        per_example = (err * free).reshape(err.shape[0], -1).sum(axis=1) / jnp.maximum(
-            free.reshape(err.shape[0], -1).sum(axis=1), 1.0)  # [B, ...] -> [B]
+    per_example = per_example_mean(err, given)
     return per_example if weight is None else per_example * weight
 
 
@@ -162,10 +156,22 @@ class FlowObjective:
         """Training noise levels [batch] in (0, 1)."""
         return sample_sigmas(rng, batch, self.timestep_sampling, self.shift, self.logit_mean, self.logit_std)
 
+    sample_times = sample_sigmas  # the training interface shared with DDPMObjective
+
+    def add_noise(self, x0: jax.Array, noise: jax.Array, sigma: jax.Array) -> jax.Array:
+        """Forward process at noise levels sigma [B]."""
+        return add_noise(x0, noise, sigma)
+
+    def model_time(self, sigma: jax.Array) -> jax.Array:
+        """The timestep the network sees: 1000 sigma (Wan/diffusers convention)."""
+        return sigma * TIME_SCALE
+
     def weight(self, sigma: jax.Array) -> jax.Array:
         """Per-example weight of the velocity MSE at noise levels sigma [B]."""
         return loss_weight(flow_snr(sigma), self.weighting, "flow", self.snr_gamma)
 
-    def loss(self, pred: jax.Array, x0: jax.Array, noise: jax.Array, sigma: jax.Array) -> jax.Array:
-        """Weighted velocity MSE per example [B]."""
-        return flow_loss(pred, x0, noise, None if self.weighting == "none" else self.weight(sigma))
+    def loss(
+        self, pred: jax.Array, x0: jax.Array, noise: jax.Array, sigma: jax.Array, given: jax.Array | None = None
+    ) -> jax.Array:
+        """Weighted velocity MSE per example [B], conditioning cells (`given`) left out."""
+        return flow_loss(pred, x0, noise, None if self.weighting == "none" else self.weight(sigma), given)

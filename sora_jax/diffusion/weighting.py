@@ -48,3 +48,16 @@ def loss_weight(snr: jax.Array, scheme: str, target: str, gamma: float = 5.0) ->
     else:
         raise ValueError(f"unknown weighting {scheme!r}; use one of {WEIGHTINGS}")
     return x0_weight / implied_x0_weight(snr, target)
+
+
+def per_example_mean(err: jax.Array, given: jax.Array | None = None) -> jax.Array:
+    """Mean of a squared error over each example [B, ...] -> [B], skipping conditioning cells.
+
+    `given` (broadcastable to err, 1 = a conditioning cell fed clean) leaves those cells out of the
+    mean; an example with no generated cell left contributes 0.
+    """
+    if given is None:
+        return err.reshape(err.shape[0], -1).mean(axis=1)
+    free = jnp.broadcast_to(1.0 - given.astype(jnp.float32), err.shape)
+    return (err * free).reshape(err.shape[0], -1).sum(axis=1) / jnp.maximum(
+        free.reshape(err.shape[0], -1).sum(axis=1), 1.0)

@@ -1,7 +1,8 @@
-"""Training the text-conditioned DiT with rectified flow on (cached) VAE latents."""
+"""Training the text-conditioned DiT (rectified flow or DDPM) on (cached) VAE latents."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from sora_jax.convert.bert import load_text_encoder
-from sora_jax.diffusion import flow
+from sora_jax.diffusion import ddpm, flow
 from sora_jax.diffusion.conditioning import MaskRates, sample_train_masks
 from sora_jax.models.dit import DiT, DiTConfig, dit_config, validate_latent_grid
 from sora_jax.parallel.mesh import batch_sharding, global_batch
@@ -38,18 +39,31 @@ def mask_rates(diff_cfg: ml_collections.ConfigDict) -> MaskRates:
     return MaskRates(**{k: float(v) for k, v in (rates.items() if rates is not None else ())})
 
 
+OBJECTIVES = ("flow", "ddpm")
+
+
+def objective_from(diff_cfg: ml_collections.ConfigDict) -> flow.FlowObjective | ddpm.DDPMObjective:
+    """The training objective of config.diffusion: rectified flow, or DDPM with eps/v prediction."""
+    kind = str(diff_cfg.get("objective", "flow"))
+    weighting = dict(weighting=str(diff_cfg.get("weighting", "none")), snr_gamma=float(diff_cfg.get("snr_gamma", 5.0)))
+    if kind == "flow":
+        return flow.FlowObjective(timestep_sampling=str(diff_cfg.timestep_sampling), shift=float(diff_cfg.shift),
+                                  **weighting)
+    if kind == "ddpm":
+        return ddpm.DDPMObjective(**to_python(diff_cfg.get("ddpm", {})), **weighting)
+    raise ValueError(f"unknown config.diffusion.objective {kind!r}; use one of {OBJECTIVES}")
+
+
+def objective_to_json(objective: flow.FlowObjective | ddpm.DDPMObjective) -> dict:
+    """The objective as run.json records it, so sampling picks the matching solver and schedule."""
+    kind = "ddpm" if isinstance(objective, ddpm.DDPMObjective) else "flow"
+    return {"kind": kind, **dataclasses.asdict(objective)}
+
+
 def make_dit_step(model: DiT, diff_cfg: ml_collections.ConfigDict):
-    """The (state, batch, rng) -> (state, metrics) function of one flow-matching update."""
-    objective = str(diff_cfg.get("objective", "flow"))
-    if objective != "flow":
-        # The DDPM objectives (diffusion/ddpm.py) exist, but this trainer and the run's sampler
-        # defaults are flow-only: refuse rather than silently train flow under another name.
-        raise ValueError(
-            f"config.diffusion.objective={objective!r} is not supported by the DiT trainer; use 'flow' "
-            "(DDPM eps/v objectives are in sora_jax.diffusion.ddpm for custom training loops)"
-        )
+    """The (state, batch, rng) -> (state, metrics) function of one flow-matching or DDPM update."""
+    objective = objective_from(diff_cfg)
     p_drop = float(diff_cfg.text_dropout)
-    method, shift = str(diff_cfg.timestep_sampling), float(diff_cfg.shift)
     rates = mask_rates(diff_cfg)
 
     def loss_fn(params, batch, rng):
@@ -60,19 +74,19 @@ def make_dit_step(model: DiT, diff_cfg: ml_collections.ConfigDict):
             given = sample_train_masks(r_given, rates, b, x0.shape[1:4])  # [B, T', H', W', 1], 1 = given
         else:
             given = None  # the unmasked step keeps its random stream and loss exactly
-        r_drop, r_sigma, r_noise = jax.random.split(rng, 3)
+        r_drop, r_time, r_noise = jax.random.split(rng, 3)
         drop = jax.random.bernoulli(r_drop, p_drop, (b,))
         n_emb, n_mask = null_text(b, text.shape[1], text.shape[2])
         text = jnp.where(drop[:, None, None], n_emb, text)
         mask = jnp.where(drop[:, None], n_mask, mask)
-        sigma = flow.sample_sigmas(r_sigma, b, method, shift)
+        time = objective.sample_times(r_time, b)  # flow: sigma in (0, 1); DDPM: integer step
         noise = jax.random.normal(r_noise, x0.shape, x0.dtype)
-        x_t = flow.add_noise(x0, noise, sigma)
+        x_t = objective.add_noise(x0, noise, time)
         if given is not None:
-            # Conditioning cells are seen clean (sigma 0 there), as the sampler holds them, and not scored.
+            # Conditioning cells are seen clean (noise level 0 there), as the sampler holds them, and not scored.
             x_t = jnp.where(given > 0, x0, x_t)
-        pred = model.apply(params, x_t, sigma * flow.TIME_SCALE, text, mask)
-        loss = flow.flow_loss(pred, x0, noise, given=given).mean()
+        pred = model.apply(params, x_t, objective.model_time(time), text, mask)
+        loss = objective.loss(pred, x0, noise, time, given=given).mean()
         return loss, {"loss": loss}
 
     def step(state: TrainState, batch: dict, rng: jax.Array):
@@ -146,6 +160,7 @@ def train_dit(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "text_max_length": config.text.max_length,
         "latent_grid": list(grid),
         "sample": to_python(config.sample),
+        "objective": objective_to_json(objective_from(config.diffusion)),
         "video": {"frames": config.data.frames, "size": config.data.size},
     })
 
