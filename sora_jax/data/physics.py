@@ -32,7 +32,7 @@ BACKGROUND: tuple[int, int, int] = (16, 16, 24)
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six")
 
 # Net horizontal displacement (fraction of the frame) below which no direction is named.
-_DX_THRESHOLD = 0.05
+DX_THRESHOLD = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +48,7 @@ class PhysicsConfig:
     dt: float = 1.0 / 16.0  # seconds per frame
     substeps: int = 4
     max_speed: float = 0.8  # frame sides / s, per axis, at t=0
+    walls: bool = True  # False: balls fly out of the frame (PhyWorld's uniform-motion scenes)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_balls <= self.max_balls <= len(PALETTE):
@@ -151,12 +152,17 @@ def run_physics(
                 p[k][0] += v[k][0] * h
                 p[k][1] += v[k][1] * h
             _collide_pairs(p, v, r, mass)
-            _walls(p, v, r, floor_hits)
+            if cfg.walls:
+                _walls(p, v, r, floor_hits)
     return positions, velocities, np.array(floor_hits)
 
 
 def render(
-    positions: np.ndarray, radii: np.ndarray, colors: np.ndarray, size: int
+    positions: np.ndarray,
+    radii: np.ndarray,
+    colors: np.ndarray,
+    size: int,
+    background: tuple[int, int, int] = BACKGROUND,
 ) -> np.ndarray:
     """Draws anti-aliased discs; positions [T,n,2] and radii [n] in pixels -> uint8 [T,H,W,3]."""
     centres = np.arange(size, dtype=np.float32) + 0.5
@@ -164,7 +170,7 @@ def render(
     # Channel-planar layout: numpy broadcasting over a trailing axis of 3 is ~20x slower.
     img = np.empty((3, pos.shape[0], size, size), np.float32)
     for c in range(3):
-        img[c] = BACKGROUND[c]
+        img[c] = background[c]
     for k in range(len(radii)):
         dx2 = np.square(centres[None, None, :] - pos[:, k, 0, None, None])
         dy2 = np.square(centres[None, :, None] - pos[:, k, 1, None, None])
@@ -197,9 +203,9 @@ def make_caption(
         verb = "bounces"
     else:
         verb = "falls" if dy >= 0 else "rises"
-    if dx > _DX_THRESHOLD:
+    if dx > DX_THRESHOLD:
         verb += " to the right"
-    elif dx < -_DX_THRESHOLD:
+    elif dx < -DX_THRESHOLD:
         verb += " to the left"
     noun = "ball" if n == 1 else "balls"
     return f"{NUMBER_WORDS[n]} {noun}: {_join(names)}; the {COLOR_NAMES[colors[k]]} ball {verb}"
@@ -235,9 +241,24 @@ def simulate(seed: int, cfg: PhysicsConfig = PhysicsConfig()) -> dict:
     radii = rng.uniform(*cfg.radius_range, size=n)
     pos0 = _place_balls(rng, radii)
     vel0 = rng.uniform(-cfg.max_speed, cfg.max_speed, size=(n, 2))
-    positions, velocities, floor_hits = run_physics(pos0, vel0, radii, cfg)
+    return simulate_state(pos0, vel0, radii, colors, cfg)
 
-    m = cfg.max_balls
+
+def simulate_state(
+    pos0: np.ndarray,
+    vel0: np.ndarray,
+    radii: np.ndarray,
+    colors: np.ndarray,
+    cfg: PhysicsConfig = PhysicsConfig(),
+    *,
+    background: tuple[int, int, int] = BACKGROUND,
+) -> dict:
+    """Simulates and renders a clip from an initial state (unit-square units, [n,2] / [n])."""
+    radii = np.asarray(radii, np.float64)
+    colors = np.asarray(colors, np.int32)
+    n = len(radii)
+    positions, velocities, floor_hits = run_physics(pos0, vel0, radii, cfg)
+    m = max(cfg.max_balls, n)
     pos_px = np.zeros((cfg.frames, m, 2), np.float32)
     vel_px = np.zeros((cfg.frames, m, 2), np.float32)
     radii_px = np.zeros((m,), np.float32)
@@ -246,7 +267,7 @@ def simulate(seed: int, cfg: PhysicsConfig = PhysicsConfig()) -> dict:
     vel_px[:, :n] = velocities * cfg.size
     radii_px[:n] = radii * cfg.size
     colors_pad[:n] = colors
-    video = render(pos_px[:, :n], radii_px[:n], colors, cfg.size)
+    video = render(pos_px[:, :n], radii_px[:n], colors, cfg.size, background)
     return {
         "video": video,
         "caption": make_caption(colors.tolist(), positions, floor_hits),

@@ -13,10 +13,6 @@ import numpy as np
 
 from sora_jax.data.physics import BACKGROUND, COLOR_NAMES, PALETTE_RGB, parse_caption
 
-# Background first so that label k > 0 is palette colour k - 1.
-_REFS = np.concatenate([np.array([BACKGROUND], np.float32), PALETTE_RGB], axis=0)
-
-
 def _to_rgb255(frame: np.ndarray) -> np.ndarray:
     """uint8 [0,255] or float [-1,1] -> float32 [0,255]."""
     frame = np.asarray(frame)
@@ -55,16 +51,44 @@ def _components(cls: np.ndarray) -> np.ndarray:
         ids = new
 
 
+def _refs(background: tuple[int, int, int]) -> np.ndarray:
+    """Reference colours for nearest-colour labelling: background first, so label k > 0 is palette k - 1."""
+    return np.concatenate([np.asarray([background], np.float32), PALETTE_RGB], axis=0)
+
+
+def dilate(mask: np.ndarray) -> np.ndarray:
+    """8-neighbour binary dilation by one pixel (no wrap-around)."""
+    p = np.pad(mask, 1)
+    h, w = mask.shape
+    return np.logical_or.reduce([p[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)])
+
+
 def detect_balls(
-    frame: np.ndarray, *, max_dist: float = 100.0, min_area: int | None = None
+    frame: np.ndarray,
+    *,
+    max_dist: float = 100.0,
+    min_area: int | None = None,
+    background: tuple[int, int, int] = BACKGROUND,
+    weighted: bool = True,
 ) -> list[dict]:
-    """Finds palette-coloured blobs in one frame: [{color, x, y, area}] by decreasing area."""
+    """Finds palette-coloured blobs in one frame: [{color, x, y, area, pixels, edge}] by decreasing area.
+
+    Pixels are labelled by nearest colour (gated by `max_dist`) and grouped into 4-connected
+    components; `pixels` counts a component's labelled pixels and gates it against `min_area`.
+    Centroid and `area` are coverage-weighted over the component grown by one pixel: a pixel's
+    coverage is its position on the background -> colour line, so the anti-aliased rim (mostly
+    labelled background) counts with its fraction. At finite resolution that is what makes the
+    centroid sub-pixel accurate. `edge` is True when the blob touches the frame border (its
+    centroid is then biased inwards). `weighted=False` gives the plain centroid and pixel count of
+    the labelled pixels instead (a hard-mask parse, as simpler pipelines use).
+    """
     rgb = _to_rgb255(frame)
     h, w = rgb.shape[:2]
     if min_area is None:
         # ~10% of the smallest simulated ball (radius 0.08 of the side => ~2% of the frame).
         min_area = max(3, int(0.002 * h * w))
-    d2 = np.square(rgb[:, :, None, :] - _REFS[None, None]).sum(-1)
+    refs = _refs(background)
+    d2 = np.square(rgb[:, :, None, :] - refs[None, None]).sum(-1)
     label = np.argmin(d2, axis=-1)
     dist = np.sqrt(np.take_along_axis(d2, label[..., None], axis=-1)[..., 0])
     cls = np.where((label > 0) & (dist <= max_dist), label - 1, -1)
@@ -72,22 +96,33 @@ def detect_balls(
     on = comp >= 0
     if not on.any():
         return []
-    ids, inverse, areas = np.unique(comp[on], return_inverse=True, return_counts=True)
-    ys, xs = np.nonzero(on)
-    cx = np.bincount(inverse, weights=xs + 0.5) / areas
-    cy = np.bincount(inverse, weights=ys + 0.5) / areas
+    ids, inverse, pixels = np.unique(comp[on], return_inverse=True, return_counts=True)
     colour = np.zeros(len(ids), np.int64)
     colour[inverse] = cls[on]
-    balls = [
-        {
-            "color": COLOR_NAMES[int(colour[i])],
-            "x": float(cx[i]),
-            "y": float(cy[i]),
-            "area": int(areas[i]),
-        }
-        for i in range(len(ids))
-        if areas[i] >= min_area
-    ]
+    bg = refs[0]
+    direction = PALETTE_RGB - bg  # [P, 3]
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
+    balls = []
+    for i in np.nonzero(pixels >= min_area)[0]:
+        c = int(colour[i])
+        own = comp == ids[i]
+        if weighted:
+            grown = dilate(own) & (own | ~on)  # the rim, but never another blob's pixels
+            cover = np.clip((rgb - bg) @ direction[c] / float(direction[c] @ direction[c]), 0.0, 1.0)
+            wgt = np.where(grown, cover, 0.0)
+        else:
+            wgt = own.astype(np.float64)
+        area = float(wgt.sum())
+        if area <= 0.0:
+            continue
+        balls.append({
+            "color": COLOR_NAMES[c],
+            "x": float((wgt * xs).sum() / area),
+            "y": float((wgt * ys).sum() / area),
+            "area": area,
+            "pixels": int(pixels[i]),
+            "edge": bool(own[0].any() or own[-1].any() or own[:, 0].any() or own[:, -1].any()),
+        })
     return sorted(balls, key=lambda b: -b["area"])
 
 

@@ -1,0 +1,45 @@
+"""Train the reference world model of `sora-jax eval-physics` (VAE + frame-conditioned DiT on physics_balls).
+
+    python scripts/train_reference.py --outdir runs_ref --minutes 50      # documented 2-core CPU budget
+    sora-jax eval-physics --checkpoint runs_ref/dit --out runs_ref/bench  # its benchmark table
+
+Rerunning the same command resumes both stages from their checkpoints. On an accelerator give more
+--minutes (step caps: configs/physics_reference.py).
+"""
+
+import argparse
+import json
+import time
+
+from configs.physics_reference import reference_configs
+from sora_jax.train.dit_trainer import train_dit
+from sora_jax.train.vae_trainer import train_vae
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--outdir", default="runs_ref")
+    p.add_argument("--minutes", type=float, default=50.0, help="total wall-time budget (VAE + DiT)")
+    p.add_argument("--num-train", type=int, default=512, help="training clips")
+    p.add_argument("--variant", default="tiny", help="VAE/DiT variant (tiny on CPU; S/B on an accelerator)")
+    a = p.parse_args()
+    try:
+        vae_cfg, dit_cfg = reference_configs(a.outdir, a.minutes, num_train=a.num_train, variant=a.variant)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    t0 = time.perf_counter()
+    vae = train_vae(vae_cfg)
+    print(f"VAE: {vae['step']} steps, held-out PSNR {vae['psnr']:.2f} dB, "
+          f"parse error {vae.get('parse_error_px', float('nan')):.2f} px", flush=True)
+    t1 = time.perf_counter()
+    dit = train_dit(dit_cfg)
+    t2 = time.perf_counter()
+    summary = {"minutes_budget": a.minutes, "vae_steps": vae["step"], "vae_psnr_db": vae["psnr"],
+               "vae_parse_error_px": vae.get("parse_error_px"), "dit_steps": dit["step"],
+               "dit_final_loss": dit["final"].get("loss"), "vae_s": t1 - t0, "dit_s": t2 - t1}
+    print(json.dumps(summary, default=float), flush=True)
+    print(f"next: sora-jax eval-physics --checkpoint {dit_cfg.workdir} --out {a.outdir}/bench")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Markdown tables and the position-error plot of a `physics_bench` report."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+_FRAME_COLS = (
+    ("count_acc", "count acc", "{:.2f}"), ("color_jaccard", "colour J", "{:.2f}"),
+    ("area_drift", "area drift", "{:.3f}"), ("pos_err_px", "pos err px", "{:.2f}"),
+    ("miss_rate", "miss", "{:.2f}"), ("vel_err_px", "vel err px/frame", "{:.2f}"),
+    ("g_rel_err", "ĝ rel err", "{:.3f}"), ("momentum_change", "Δp", "{:.3f}"),
+    ("energy_change", "ΔE", "{:.3f}"), ("flicker", "flicker", "{:.2f}"), ("psnr", "PSNR", "{:.1f}"),
+    ("ssim", "SSIM", "{:.3f}"), ("fg_psnr", "fg PSNR", "{:.1f}"),
+)
+_TEXT_COLS = (("count_acc", "count acc", "{:.2f}"), ("color_jaccard", "colour J", "{:.2f}"),
+              ("direction_acc", "direction acc", "{:.2f}"), ("g_hat", "ĝ px/s²", "{:.1f}"),
+              ("g_rel_err", "ĝ rel err", "{:.2f}"), ("area_drift", "area drift", "{:.3f}"),
+              ("flicker", "flicker", "{:.2f}"))
+_MULTIPLE_OF_FLOOR = ("pos_err_px", "vel_err_px", "g_rel_err", "area_drift", "momentum_change", "energy_change")
+
+
+def _fmt(v, fmt: str) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–" if v is None or math.isnan(v) else "∞"
+    return fmt.format(v)
+
+
+def _cell(stats: dict, key: str, fmt: str, ground_truth: bool) -> str:
+    s = _fmt(stats.get(key), fmt)
+    mult = stats.get("x_floor", {}).get(key)
+    if key in _MULTIPLE_OF_FLOOR and not ground_truth and mult is not None and math.isfinite(mult):
+        s += f" ({mult:.0f}×)" if mult >= 10 else f" ({mult:.1f}×)"
+    return s
+
+
+def _table(entries: dict, label: str, cols) -> list[str]:
+    lines = [f"| {label} | clips | " + " | ".join(c[1] for c in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for name, stats in entries.items():
+        gt = name.split("/")[0] == "ground_truth"
+        lines.append(f"| {name} | {stats.get('clips', 0)} | "
+                     + " | ".join(_cell(stats, k, f, gt) for k, _, f in cols) + " |")
+    return lines
+
+
+def render_markdown(report: dict) -> str:
+    """The report as Markdown: per-split, per-family and per-count tables, text protocol, PhyWorld."""
+    k = report["cond_pixel_frames"]
+    lines = ["# World-model benchmark (`sora-jax eval-physics`)", ""]
+    frames = report.get("frames")
+    if frames:
+        lines += [f"## (a) Frame-conditioned prediction: {k} conditioning pixel frames "
+                  f"({report['cond_latent_frames']} latent), later frames scored", "",
+                  "Errors in parentheses are multiples of the ground-truth parse floor (the same metric on "
+                  "the true clip). Position/velocity errors over parsed balls; misses counted apart.", ""]
+        lines += _table(frames["by_split"], "method / split", _FRAME_COLS) + [""]
+        lines += ["### Position error by family", ""]
+        lines += _table(frames["by_family"], "method / family / split",
+                        [c for c in _FRAME_COLS if c[0] in ("count_acc", "pos_err_px", "miss_rate", "vel_err_px",
+                                                            "g_rel_err", "momentum_change", "energy_change")])
+        lines += ["", "### By object count (in distribution)", ""]
+        lines += _table(frames["by_count"], "method / balls",
+                        [c for c in _FRAME_COLS if c[0] in ("count_acc", "color_jaccard", "pos_err_px", "miss_rate",
+                                                            "vel_err_px")])
+        if frames.get("phyworld"):
+            lines += ["", "### PhyWorld velocity error on the uniform family (10-unit world)", "",
+                      "| method / split | abs(mean v̂x − v0) (units/s) | × ground truth |", "|---|---|---|"]
+            for name, v in frames["phyworld"].items():
+                lines.append(f"| {name} | {_fmt(v['v_err'], '{:.4f}')} | {_fmt(v['x_floor'], '{:.1f}')} |")
+        lines.append("")
+    text = report.get("text")
+    if text:
+        lines += ["## (b) Text-conditioned generation (captions of in-distribution multi scenes)", ""]
+        lines += _table(text, "method", _TEXT_COLS) + [""]
+    floor = report.get("phyworld_floor")
+    if floor:
+        lines += ["## PhyWorld uniform-motion parse floor (true clips, red ball on white, 10-unit world, 0.1 s/frame)",
+                  "", "| parse | size | scenes | abs(mean v̂x − v0) (units/s) | paper (Kang et al.) | ratio |",
+                  "|---|---|---|---|---|---|"]
+        for parse, f in floor.items():
+            lines.append(f"| {parse} | {f['size']} | {f['scenes']} | {f['velocity_error']:.5f} | "
+                         f"{f['paper_floor']} | {f['ratio_to_paper']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_position_error(curves: dict[str, list[float]], cond_frames: int, path: str | Path) -> Path:
+    """Per-frame mean position error (px, in distribution) of each method vs frame index, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    for name, curve in curves.items():
+        ax.plot(range(cond_frames, cond_frames + len(curve)), curve, marker="o", ms=3, label=name)
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_xlabel("frame")
+    ax.set_ylabel("position error (px)")
+    ax.set_title("Frame-conditioned prediction, in distribution")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
