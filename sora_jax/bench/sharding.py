@@ -297,8 +297,10 @@ def bench_layout(workload: Workload, layout: Layout, target: Target, *, run_step
         built = build_step(workload, layout, target)
     except (MeshError, ValueError) as e:
         return {**row, "status": "invalid", "message": str(e)}
-    row.update(global_batch=built["global_batch"], tokens=built["tokens"],
-               mesh={a: int(s) for a, s in built["mesh"].shape.items()})
+    mesh = {a: int(s) for a, s in built["mesh"].shape.items()}
+    # Label by the resolved sizes (-1 filled in), so rows of different targets read alike.
+    row.update(layout=dataclasses.replace(layout, mesh=tuple(mesh.items())).name, global_batch=built["global_batch"],
+               tokens=built["tokens"], mesh=mesh)
     state = built["state"]
     row["param_bytes"] = _sharded_bytes(state.params)
     row["opt_bytes"] = _sharded_bytes(state.opt_state)

@@ -67,7 +67,8 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
         if status != "ok":
             detail = (f"OOM: needs {_gib(r.get('required_bytes'))} of {_gib(r.get('available_bytes'))} GiB"
                       if status == "oom" else f"{status}: {r.get('message', '')[:90]}")
-            lines.append(f"| {r['target']} | {r['layout']} | **{detail}** |" + " |" * 10)
+            state = (_gib(r["param_bytes"] + r["opt_bytes"] + r["ema_bytes"]) if "param_bytes" in r else "")
+            lines.append(f"| {r['target']} | {r['layout']} | **{detail}** | {state} |" + " |" * 9)
             continue
         roof = r.get("roofline") or {}
         step = f"{roof['step_s']:.3g} ({roof['bound']})" if roof else ""
@@ -130,3 +131,15 @@ def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], out_json: st
     if out_plot:
         written.append(plot(rows, out_plot))
     return written
+
+
+def results_markdown(paths: list[str | Path]) -> str:
+    """One titled table per results JSON (as written by --json), for docs/sharding.md."""
+    parts = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        m = data["meta"]
+        frames, height, width = m["video"]
+        parts.append(f"#### {m['variant']}, {height}x{width}x{frames}, {m['target']} ({m['num_devices']} devices), "
+                     f"{m['step']} step, {m['dtype']}\n\n{to_markdown(data['rows'])}\n")
+    return "\n".join(parts)
