@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
+
+# Callbacks that see every logged row (a notebook's live loss plot); a ContextVar scoped by
+# `observe`, so trainers need no callback argument and nothing outlives the `with` block.
+_OBSERVERS: contextvars.ContextVar[tuple[Callable[[dict[str, float]], None], ...]] = contextvars.ContextVar(
+    "metric_observers", default=())
+
+
+@contextlib.contextmanager
+def observe(callback: Callable[[dict[str, float]], None]) -> Iterator[None]:
+    """Within the block, call `callback(row)` with each row a MetricLogger logs (step, loss, ..., steps_per_sec)."""
+    token = _OBSERVERS.set(_OBSERVERS.get() + (callback,))
+    try:
+        yield
+    finally:
+        _OBSERVERS.reset(token)
 
 
 class MetricLogger:
@@ -42,6 +60,9 @@ class MetricLogger:
                 if k != "step":
                     self._writer.add_scalar(k, v, step)
         self._bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("step",)}, refresh=False)
+        if self._is_main:
+            for callback in _OBSERVERS.get():
+                callback(dict(row))
         return row
 
     def advance(self, n: int = 1) -> None:
