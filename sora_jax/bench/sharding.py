@@ -271,10 +271,9 @@ def _run_locally(built: dict[str, Any], workload: Workload, steps: int) -> dict[
     mesh, rules = built["mesh"], built["rules"]
     rng = jax.random.key(0)
     state, _ = create_sharded_state(built["init"], built["tx"], float(workload.config.optim.ema_decay), mesh, rules, rng)
+    zeros = lambda tree: jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), tree)  # noqa: E731
     args = built["args"]
-    concrete = jax.tree.map(
-        lambda a: jax.device_put(np.zeros(a.shape, a.dtype) if a.dtype != jax.eval_shape(lambda: rng).dtype else rng, a.sharding),
-        args[1:])
+    concrete = (zeros(args[1]), rng) if workload.step == "train" else zeros(args[1:])
     times = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         first = state if workload.step == "train" else state.params
