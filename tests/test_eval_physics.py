@@ -145,14 +145,15 @@ def test_cli_eval_physics_on_tiny_checkpoint(tiny_runs, tmp_path, capsys):
 
     out = tmp_path / "bench"
     rc = main(["eval-physics", "--checkpoint", str(tiny_runs["dit_cfg"].workdir), "--out", str(out),
-               "--per-split", "1", "--families", "uniform,parabola", "--splits", "id", "--cond-frames", "1",
-               "--text-prompts", "2", "--phyworld-scenes", "1", "--phyworld-size", "48", "--steps", "2"])
+               "--per-split", "1", "--families", "parabola", "--splits", "id", "--cond-frames", "1",
+               "--text-prompts", "1", "--phyworld-scenes", "1", "--phyworld-size", "48", "--steps", "2"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["cond_pixel_frames"] == 1
     by_split = report["frames"]["by_split"]
     assert {"model/id", "ground_truth/id", "copy_last/id", "resim_no_gravity/id"} <= set(by_split)
-    assert by_split["model/id"]["clips"] == 2 and "model" in report["text"]
+    assert by_split["model/id"]["clips"] == 1 and report["text"]["model"]["clips"] == 1
+    assert len(report["frames"]["curves"]["copy_last"]) == 4  # 5 frames, 1 given
     assert (out / "position_error.png").stat().st_size > 1000
     assert "| model/id |" in (out / "report.md").read_text()
     capsys.readouterr()

@@ -222,8 +222,10 @@ def write_report(report: dict, out: str | Path) -> dict[str, Path]:
     paths["json"].write_text(json.dumps(report, indent=1, default=float))  # default: numpy scalars
     paths["md"].write_text(render_markdown(report))
     if report.get("frames", {}).get("curves"):
-        paths["png"] = plot_position_error(report["frames"]["curves"], report["cond_pixel_frames"],
-                                           out / "position_error.png")
+        curves = report["frames"]["curves"]
+        missed = tuple(dict.fromkeys(k.split("/")[0] for k in report["frames"]["by_split"]
+                                     if k.split("/")[0] not in curves))
+        paths["png"] = plot_position_error(curves, report["cond_pixel_frames"], out / "position_error.png", missed)
     return paths
 
 
