@@ -213,7 +213,7 @@ def _phyworld_model_summary(rows: list[dict]) -> dict:
 
 
 def write_report(report: dict, out: str | Path) -> dict[str, Path]:
-    """Writes report.json, report.md and position_error.png under `out`; returns their paths."""
+    """Writes report.json, report.md and position_error.png (if matplotlib is installed) under `out`; returns their paths."""
     from sora_jax.eval.physics_report import plot_position_error, render_markdown
 
     out = Path(out)
@@ -225,7 +225,10 @@ def write_report(report: dict, out: str | Path) -> dict[str, Path]:
         curves = report["frames"]["curves"]
         missed = tuple(dict.fromkeys(k.split("/")[0] for k in report["frames"]["by_split"]
                                      if k.split("/")[0] not in curves))
-        paths["png"] = plot_position_error(curves, report["cond_pixel_frames"], out / "position_error.png", missed)
+        try:
+            paths["png"] = plot_position_error(curves, report["cond_pixel_frames"], out / "position_error.png", missed)
+        except ImportError:
+            pass  # matplotlib is optional (pip install "sora-jax[eval]"); the CLI says the plot was skipped
     return paths
 
 
