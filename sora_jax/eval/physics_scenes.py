@@ -14,8 +14,8 @@ Splits (how far a scene is from the training data, `PhysicsConfig()` defaults):
 
 Lengths are fractions of the frame side and speeds frame sides per second, as in `PhysicsConfig`;
 returned scenes are in pixels (the `simulate` dict plus family, split, seed, gravity_px, dt).
-Seeds are disjoint from the dataset's (`physics_tfds.example_seed` stays below 10^7 for base
-seeds < 5), so evaluation scenes are never training clips.
+Seeds start at 10^9, disjoint from the dataset's (`physics_tfds.example_seed` stays below 10^9 for
+base seeds < 500), so evaluation scenes are not training clips.
 """
 
 from __future__ import annotations
