@@ -28,7 +28,7 @@ from sora_jax.bench.hlo_stats import collective_stats
 from sora_jax.models.dit import DiT, dit_config
 from sora_jax.parallel.mesh import MeshError, batch_sharding, replicated
 from sora_jax.parallel.rules import MESH_AXES, get_rules
-from sora_jax.parallel.topology import Target, target_mesh
+from sora_jax.parallel.topology import Chip, Target, target_mesh
 from sora_jax.train.dit_trainer import dit_config_from, make_dit_step, null_text
 from sora_jax.train.state import abstract_sharded_state, create_sharded_state, make_optimizer
 
@@ -237,10 +237,15 @@ def build_step(workload: Workload, layout: Layout, target: Target) -> dict[str, 
             "global_batch": global_batch, "tokens": tokens, "model_flops": model_flops, "tx": tx, "init": init}
 
 
+# Forward passes per train step on top of the 3 of forward + backward: full remat recomputes the block
+# forward once; dots keeps the matmul outputs, so it recomputes (almost) no FLOPs.
+REMAT_RECOMPUTE = {"none": 0.0, "dots": 0.0, "offload": 0.0, "full": 1.0}
+
+
 def roofline(flops: float, hbm_bytes: float, ici_bytes: float, dcn_bytes: float, model_flops: float,
-             target: Target, peak_flops: float | None = None) -> dict[str, float]:
+             chip: Chip, peak_flops: float | None = None) -> dict[str, float]:
     """Per-device step-time terms (s), their max (perfect overlap) and sum (none), and predicted MFU."""
-    chip, per = target.chip, target.chip.devices_per_chip
+    per = chip.devices_per_chip
     peak = (peak_flops or chip.peak_flops) / per
     if not peak:
         return {}
@@ -251,6 +256,16 @@ def roofline(flops: float, hbm_bytes: float, ici_bytes: float, dcn_bytes: float,
     step = max(terms.values())
     return {**terms, "step_s": step, "step_s_no_overlap": sum(terms.values()),
             "bound": max(terms, key=terms.get).removesuffix("_s"), "mfu": model_flops / step / peak if step else 0.0}
+
+
+def row_roofline(row: dict[str, Any], chip: Chip, peak_flops: float | None = None) -> dict[str, float]:
+    """The roofline of a compiled row: FLOPs = max(XLA's count, model FLOPs x remat recompute)."""
+    remat = row["layout_spec"]["remat"]
+    hardware = row["model_flops"] * ((3.0 + REMAT_RECOMPUTE.get(remat, 0.0)) / 3.0 if row["step"] == "train" else 1.0)
+    coll = row["collectives"]
+    # XLA's cost analysis counts a while-loop body once, so its FLOPs miss all but one scanned block.
+    return roofline(max(row["flops"], hardware), row["bytes_accessed"], coll["ici_wire_bytes"],
+                    coll["dcn_wire_bytes"], row["model_flops"], chip, peak_flops)
 
 
 def _measure_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
@@ -342,11 +357,8 @@ def bench_layout(workload: Workload, layout: Layout, target: Target, *, run_step
     row["collectives"] = stats.to_json()
     if target.kind == "local" and target.chip.name == "cpu" and peak_flops is None:
         peak_flops = _measure_cpu_peak() * target.num_devices
-    # XLA's cost analysis counts a while-loop body once; the analytic count covers every layer.
-    flops = max(row["flops"], row["model_flops"])
-    row["roofline"] = roofline(flops, row["bytes_accessed"], stats.ici_wire_bytes, stats.dcn_wire_bytes,
-                               row["model_flops"], target,
-                               None if peak_flops is None else peak_flops / target.num_devices * target.chip.devices_per_chip)
+    row["roofline"] = row_roofline(
+        row, target.chip, None if peak_flops is None else peak_flops / target.num_devices * target.chip.devices_per_chip)
     if target.kind == "local" and run_steps > 0:
         built["compiled"] = compiled
         measured = _run_locally(built, workload, run_steps)

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from sora_jax.bench.hlo_stats import COLLECTIVES
+from sora_jax.bench.sharding import row_roofline
+from sora_jax.parallel.topology import Chip
 
 _SHORT = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "all-to-all": "A2A",
           "collective-permute": "CP"}
@@ -59,7 +61,7 @@ def _collectives_cell(row: dict[str, Any]) -> str:
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     """A markdown table: fit, memory per device (GiB), TFLOPs, collectives, roofline step time and MFU."""
-    head = ("| target | layout | fits | params+opt GiB | args GiB | temp GiB | peak GiB / HBM | TFLOP/dev "
+    head = ("| target | layout | fits | params+opt GiB | args GiB | temp GiB | peak GiB / HBM | model TFLOP/dev "
             "| collectives: count x wire GiB/dev | ICI GiB | step s (bound) | pred. MFU | compile s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -82,7 +84,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['target']} | {r['layout']} | {'yes' if r.get('fits') else '**no**'} "
             f"| {_gib(r['param_bytes'] + r['opt_bytes'] + r['ema_bytes'])} | {_gib(r['argument_bytes'])} "
             f"| {_gib(r['temp_bytes'])} | {_gib(r['peak_bytes'])}{hbm} "
-            f"| {max(r['flops'], r['model_flops']) / 1e12:.3g} | {_collectives_cell(r)} "
+            f"| {r['model_flops'] / 1e12:.3g} | {_collectives_cell(r)} "
             f"| {_gib(r['collectives']['ici_wire_bytes'])} | {step} | {mfu} | {r.get('compile_s', 0):.0f} |"
         )
     return "\n".join(lines)
@@ -139,6 +141,10 @@ def results_markdown(paths: list[str | Path]) -> str:
     for path in paths:
         data = json.loads(Path(path).read_text())
         m = data["meta"]
+        chip = Chip(**m["chip"])
+        for row in data["rows"]:
+            if row.get("status") == "ok" and chip.peak_flops:
+                row["roofline"] = row_roofline(row, chip)  # files written before a roofline change read alike
         frames, height, width = m["video"]
         parts.append(f"#### {m['variant']}, {height}x{width}x{frames}, {m['target']} ({m['num_devices']} devices), "
                      f"{m['step']} step, {m['dtype']}\n\n{to_markdown(data['rows'])}\n")
