@@ -22,6 +22,8 @@ import grain
 import jax
 import numpy as np
 
+from sora_jax.data.buckets import Bucket, BucketBatchDataset, BucketSpec
+
 log = logging.getLogger(__name__)
 
 # State arrays carried through from the physics dataset when present.
@@ -278,3 +280,25 @@ def numpy_batch(
     if not elements:
         raise ValueError(f"no readable records among indices {list(indices)}")
     return {k: np.stack([e[k] for e in elements]) for k in elements[0]}
+
+
+class _TagBucket(grain.transforms.Map):
+    def __init__(self, name: str):
+        self._name = name
+
+    def map(self, element: dict) -> dict:
+        return dict(element, bucket=self._name)
+
+
+def one_pass_batches(source: Any, bucket: Bucket, *, shard_index: int = 0, shard_count: int = 1,
+                     stats: LoaderStats | None = None) -> grain.DatasetIterator:
+    """One in-order pass over a fixed-shape source (this process's share) as batches of `bucket`.
+
+    For encoding a dataset once (latent caches): checkpointable, so an interrupted pass resumes;
+    the last batch may be short; corrupt records are skipped and counted in `stats`.
+    """
+    stats = stats if stats is not None else LoaderStats()
+    ds = grain.MapDataset.source(_TolerantSource(source))[shard_index::shard_count]
+    ds = ds.map(_Decode(_expected_video_shape(source)))
+    it = ds.to_iter_dataset().filter(_DropCorrupt(stats)).map(_TagBucket(bucket.name))
+    return iter(BucketBatchDataset(it, BucketSpec((bucket,)), drop_remainder=False))
