@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sora_jax.bench.hlo_stats import COLLECTIVES
-from sora_jax.bench.sharding import row_roofline
+from sora_jax.bench.sharding import Layout, row_roofline
 from sora_jax.parallel.topology import Chip
 
 _SHORT = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "all-to-all": "A2A",
@@ -143,6 +143,9 @@ def results_markdown(paths: list[str | Path]) -> str:
         m = data["meta"]
         chip = Chip(**m["chip"])
         for row in data["rows"]:
+            if "mesh" in row:  # label by the resolved mesh (files written before rows carried it)
+                spec = {**row["layout_spec"], "mesh": tuple(row["mesh"].items())}
+                row["layout"] = Layout(**spec).name
             if row.get("status") == "ok" and chip.peak_flops:
                 row["roofline"] = row_roofline(row, chip)  # files written before a roofline change read alike
         frames, height, width = m["video"]
