@@ -25,9 +25,17 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def mesh_config() -> ml_collections.ConfigDict:
-    """Default mesh: every device on data x fsdp (fsdp takes what data leaves)."""
+    """Default mesh: every device of a slice on fsdp, slices (multi-slice TPU) on data.
+
+    shape: each axis's size within a slice (ICI); dcn: its size across slices (data-center network).
+    One -1 per dict means "the rest". rules: dp | fsdp | fsdp_tp | fsdp_sp (sora_jax/parallel/rules.py).
+    """
     return ml_collections.ConfigDict(
-        {"shape": {"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1}, "rules": "fsdp"}
+        {
+            "shape": {"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1},
+            "dcn": {"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1},
+            "rules": "fsdp",
+        }
     )
 
 
@@ -75,5 +83,13 @@ def train_config(steps: int) -> ml_collections.ConfigDict:
             "ckpt_every": 200,
             "keep": 3,
             "progress": True,
+            # Microbatches per step: the batch is split and gradients summed before one update,
+            # so data.batch_size stays the global batch while activation memory shrinks.
+            "grad_accum": 1,
+            # Compute dtype of the model ("auto": bfloat16 on TPU/GPU, float32 on CPU); params,
+            # optimiser state and EMA stay float32 whatever this says.
+            "dtype": "auto",
+            "eval_every": 0,  # > 0: held-out loss every this many steps (TensorBoard eval/...)
+            "sample_every": 0,  # > 0: sample videos to TensorBoard every this many steps
         }
     )

@@ -37,11 +37,11 @@ _BATCH = ("batch", ("data", "fsdp"))
 
 PRESETS: dict[str, tuple[tuple[str, str | tuple[str, ...] | None], ...]] = {
     # Replicate every parameter; split only the batch.
-    "data": (_BATCH,),
+    "dp": (_BATCH,),
     # ZeRO-3 style: shard parameters (and so optimizer state) over fsdp along their width.
     "fsdp": (_BATCH, ("embed", "fsdp"), ("conv_out", "fsdp"), ("vocab", "fsdp")),
     # fsdp plus Megatron-style tensor parallelism on heads and the FFN.
-    "fsdp_tensor": (
+    "fsdp_tp": (
         _BATCH,
         ("embed", "fsdp"),
         ("conv_out", "fsdp"),
@@ -52,7 +52,7 @@ PRESETS: dict[str, tuple[tuple[str, str | tuple[str, ...] | None], ...]] = {
         ("act_heads", "tensor"),
     ),
     # fsdp plus sequence (context) parallelism over video tokens.
-    "fsdp_sequence": (
+    "fsdp_sp": (
         _BATCH,
         ("embed", "fsdp"),
         ("conv_out", "fsdp"),
@@ -61,11 +61,21 @@ PRESETS: dict[str, tuple[tuple[str, str | tuple[str, ...] | None], ...]] = {
     ),
 }
 
+# Earlier names, still accepted (configs, notebooks and sweeps written before the short names).
+ALIASES = {"data": "dp", "fsdp_tensor": "fsdp_tp", "fsdp_sequence": "fsdp_sp"}
+
+
+def canonical_preset(preset: str) -> str:
+    """The preset's current name ('fsdp_tensor' -> 'fsdp_tp'); unknown names raise ValueError."""
+    name = ALIASES.get(preset, preset)
+    if name not in PRESETS:
+        raise ValueError(
+            f"unknown sharding preset {preset!r}; choose one of {list(PRESETS)} (config.mesh.rules; "
+            f"old names {sorted(ALIASES)} are accepted too)"
+        )
+    return name
+
 
 def get_rules(preset: str) -> tuple:
-    """Return the logical->mesh rules of a named preset."""
-    if preset not in PRESETS:
-        raise ValueError(
-            f"unknown sharding preset {preset!r}; choose one of {sorted(PRESETS)} (config.mesh.rules)"
-        )
-    return PRESETS[preset]
+    """Return the logical->mesh rules of a named preset (or of its old alias)."""
+    return PRESETS[canonical_preset(preset)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import threading
@@ -84,6 +85,34 @@ def _check_finite(bad: Any, manager: ocp.CheckpointManager) -> None:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Periodic:
+    """Work every `every` steps on the current state: eval scalars (kind "eval") or videos (kind "videos").
+
+    `fn(state)` returns {tag: scalar} or {tag: uint8 [T, H, W, 3]}; every process calls it (it may run
+    sharded computations), only process 0 writes what it returns.
+    """
+
+    every: int
+    fn: Callable[[TrainState], dict]
+    kind: str = "eval"
+
+    def due(self, step: int) -> bool:
+        """Whether to run after `step`."""
+        return self.every > 0 and step % self.every == 0
+
+
+def _run_periodic(periodic: tuple[Periodic, ...], state: TrainState, step: int, logger: MetricLogger) -> None:
+    for p in periodic:
+        if not p.due(step):
+            continue
+        out = p.fn(state)
+        if p.kind == "videos":
+            logger.log_videos(step, out)
+        else:
+            logger.log_eval(step, out)
+
+
 def run_loop(
     *,
     state: TrainState,
@@ -97,8 +126,11 @@ def run_loop(
     log_every: int = 10,
     ckpt_every: int = 0,
     max_minutes: float = 0.0,
+    periodic: tuple[Periodic, ...] = (),
 ) -> TrainState:
     """Run steps until total_steps (or the time budget, or SIGTERM), checkpointing along the way.
+
+    `periodic` evaluations/sample writers run after the steps they are due at, before the next step.
 
     Raises Preempted (exit status 0) after saving on SIGTERM, NonFiniteLossError on a NaN/Inf loss.
     """
@@ -138,6 +170,7 @@ def run_loop(
                 _check_finite(bad, manager)  # never save a state that a NaN/Inf went into
                 checkpoint.save(manager, state, data_iter, rng=rng)
                 saved_step = step
+            _run_periodic(periodic, state, step, logger)
             if max_minutes and time.perf_counter() - start > 60.0 * max_minutes:
                 break
     _check_finite(bad, manager)
@@ -166,6 +199,7 @@ def train_sharded(
     logdir,
     rng: jax.Array,
     desc: str,
+    periodic: tuple[Periodic, ...] = (),
 ) -> tuple[TrainState, MetricLogger]:
     """Jit `step` with the state's shardings (donating it) and run it under the mesh and rules."""
     step_fn = jax.jit(
@@ -181,6 +215,7 @@ def train_sharded(
                 state=state, step_fn=step_fn, data_iter=data_iter, to_device=to_device,
                 total_steps=train_cfg.steps, manager=manager, logger=logger, rng=rng,
                 log_every=train_cfg.log_every, ckpt_every=train_cfg.ckpt_every, max_minutes=train_cfg.max_minutes,
+                periodic=periodic,
             )
     finally:
         logger.close()  # flush TensorBoard on SIGTERM and errors too

@@ -43,15 +43,15 @@ class TrainState:
         return self.ema_params if self.ema_params is not None else self.params
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with linear warmup then cosine decay, after global-norm clipping.
+def lr_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warmup to optim.lr over optim.warmup_steps, then cosine decay to lr * min_lr_ratio.
 
     The schedule spans total_steps unless the config sets optim.decay_steps: fixing it lets a run be
     stopped early or extended (more train.steps on resume) without changing the learning rates.
     """
     total_steps = int(cfg.get("decay_steps", 0) or total_steps)
     warmup = max(1, min(int(cfg.warmup_steps), total_steps - 1)) if total_steps > 1 else 1
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         # Starting at peak/warmup rather than 0 keeps the very first update from being a no-op.
         init_value=cfg.lr / warmup,
         peak_value=cfg.lr,
@@ -59,9 +59,13 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
         decay_steps=max(total_steps, warmup + 1),
         end_value=cfg.lr * cfg.min_lr_ratio,
     )
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    """AdamW on `lr_schedule`, after global-norm clipping of the gradients to optim.grad_clip."""
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
+        optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
     )
 
 

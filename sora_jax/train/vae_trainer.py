@@ -27,16 +27,20 @@ from sora_jax.models.discriminator import (
 )
 from sora_jax.models.vae import CausalVAE, VAEConfig, init_vae_variables, kl_divergence, validate_video_shape
 from sora_jax.models.vae_codec import VideoCodec
-from sora_jax.parallel.mesh import batch_sharding, global_batch
+from sora_jax.parallel.mesh import batch_sharding, global_batch, replicated
 from sora_jax.train import checkpoint
-from sora_jax.train.loop import train_sharded
+from sora_jax.train.accumulate import accumulate_gradients, tree_norm
+from sora_jax.train.evaluation import video_grid
+from sora_jax.train.loop import Periodic, train_sharded
 from sora_jax.train.setup import (
+    compute_dtype,
     dataclass_from,
     dataclass_from_json,
     dataclass_to_json,
     mesh_and_rules,
     on_one_device,
     per_process_batch,
+    validate_layout,
 )
 from sora_jax.train.state import TrainState, create_sharded_state, make_optimizer
 from sora_jax.train.vae_stats import latent_channel_stats, physics_clips
@@ -45,8 +49,9 @@ VAE_CONFIG_FILE = "vae_config.json"
 
 
 def vae_config_from(config: ml_collections.ConfigDict) -> VAEConfig:
-    """The model dataclass of a VAE run config."""
-    return dataclass_from(VAEConfig, config.model)
+    """The model dataclass of a VAE run config; compute dtype from train.dtype unless model.dtype is set."""
+    extra = {} if "dtype" in config.model else {"dtype": compute_dtype(config.train.get("dtype", "float32"))}
+    return dataclass_from(VAEConfig, config.model, **extra)
 
 
 @flax.struct.dataclass
@@ -72,34 +77,72 @@ def disc_config_from(config: ml_collections.ConfigDict) -> DiscriminatorConfig:
     return dataclass_from(DiscriminatorConfig, config.disc)
 
 
-def _tree_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(tree)))
+def vae_loss(model: CausalVAE, loss_cfg: ml_collections.ConfigDict, params, video: jax.Array,
+             sample_rng: jax.Array | None) -> tuple[jax.Array, tuple[dict, jax.Array]]:
+    """Weighted L1 + L2 + KL of one batch: (loss, (metrics, reconstruction)); no rng: the posterior mean."""
+    recon, mean, logvar = model.apply(params, video, sample_rng=sample_rng)
+    err = recon.astype(jnp.float32) - video
+    l1 = jnp.abs(err).mean()
+    l2 = jnp.square(err).mean()
+    kl = kl_divergence(mean, logvar).mean()
+    loss = float(loss_cfg.l1) * l1 + float(loss_cfg.l2) * l2 + float(loss_cfg.kl) * kl
+    return loss, ({"loss": loss, "l1": l1, "mse": l2, "kl": kl}, recon)
 
 
-def make_vae_step(model: CausalVAE, loss_cfg: ml_collections.ConfigDict, disc: PatchDiscriminator3D | None = None):
+def make_vae_periodic(model: CausalVAE, config: ml_collections.ConfigDict, mesh, test_source) -> tuple[Periodic, ...]:
+    """Held-out reconstruction loss every train.eval_every steps, reconstructions every train.sample_every.
+
+    Fixed clips (the first of the test split, a multiple of the batch shards) and the posterior mean,
+    so the numbers move only with the weights. Videos: originals over reconstructions.
+    """
+    t = config.train
+    if not (t.get("eval_every", 0) or t.get("sample_every", 0)):
+        return ()
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    n = max(shards, config.eval.num_clips // shards * shards)
+    clips = numpy_batch(test_source, [i % len(test_source) for i in range(n)])["video"]
+
+    @functools.partial(jax.jit, out_shardings=replicated(mesh))
+    def evaluate(params):
+        _, (metrics, recon) = vae_loss(model, config.loss, params, clips, None)
+        return {f"eval/{k}": v for k, v in metrics.items()}, recon
+
+    def videos(state):
+        recon = np.asarray(evaluate(state.eval_params)[1][:4], np.float32)
+        return {"samples/reconstruction": video_grid(np.concatenate([clips[:4], recon]), columns=len(recon))}
+
+    return (Periodic(int(t.get("eval_every", 0)), lambda state: evaluate(state.eval_params)[0]),
+            Periodic(int(t.get("sample_every", 0)), videos, kind="videos"))
+
+
+def make_vae_step(
+    model: CausalVAE, loss_cfg: ml_collections.ConfigDict, disc: PatchDiscriminator3D | None = None,
+    grad_accum: int = 1,
+):
     """The (state, batch, rng) -> (state, metrics) function of one VAE update.
 
     With `disc` and loss_cfg.adv > 0 the state is a VAEGANState and the step also updates the
-    discriminator (see `_gan_step`); otherwise it is the plain reconstruction step.
+    discriminator (see `_gan_step`); otherwise it is the plain reconstruction step. grad_accum > 1
+    splits the batch into microbatches (reconstruction step only).
     """
-    l1_w, l2_w, kl_w = float(loss_cfg.l1), float(loss_cfg.l2), float(loss_cfg.kl)
     sample = bool(loss_cfg.sample_posterior)
 
     def loss_fn(params, video, rng):
-        recon, mean, logvar = model.apply(params, video, sample_rng=rng if sample else None)
-        err = recon.astype(jnp.float32) - video
-        l1 = jnp.abs(err).mean()
-        l2 = jnp.square(err).mean()
-        kl = kl_divergence(mean, logvar).mean()
-        loss = l1_w * l1 + l2_w * l2 + kl_w * kl
-        return loss, ({"loss": loss, "l1": l1, "mse": l2, "kl": kl}, recon)
+        return vae_loss(model, loss_cfg, params, video, rng if sample else None)
 
     if disc is not None and float(loss_cfg.get("adv", 0.0)) > 0:
+        if grad_accum > 1:
+            raise ValueError("train.grad_accum > 1 is not supported with the adversarial loss (loss.adv > 0); "
+                             "set train.grad_accum=1 or loss.adv=0")
         return _gan_step(loss_fn, disc, float(loss_cfg.adv), int(loss_cfg.adv_start))
 
+    def grad_fn(params, batch, rng):
+        grads, (metrics, _) = jax.grad(loss_fn, has_aux=True)(params, batch["video"], rng)
+        return grads, metrics
+
     def step(state: TrainState, batch: dict, rng: jax.Array):
-        grads, (metrics, _) = jax.grad(loss_fn, has_aux=True)(state.params, batch["video"], rng)
-        metrics["grad_norm"] = _tree_norm(grads)
+        grads, metrics = accumulate_gradients(grad_fn, state.params, batch, rng, grad_accum)
+        metrics["grad_norm"] = tree_norm(grads)
         return state.apply_gradients(grads), metrics
 
     return step
@@ -139,8 +182,8 @@ def _gan_step(rec_loss_fn, disc: PatchDiscriminator3D, adv: float, adv_start: in
         d_state = jax.tree.map(
             lambda new, old: jnp.where(on, new, old), state.disc.apply_gradients(d_grads), state.disc
         )
-        metrics.update(grad_norm=_tree_norm(grads), d_loss=d_loss, d_real=d_real, d_fake=d_fake,
-                       d_grad_norm=_tree_norm(d_grads), adv_weight=adv_w)
+        metrics.update(grad_norm=tree_norm(grads), d_loss=d_loss, d_real=d_real, d_fake=d_fake,
+                       d_grad_norm=tree_norm(d_grads), adv_weight=adv_w)
         return state.apply_gradients(grads).replace(disc=d_state), metrics
 
     return step
@@ -191,7 +234,8 @@ def train_vae(config: ml_collections.ConfigDict) -> dict[str, Any]:
     validate_video_shape(vae_cfg, config.data.frames, config.data.size, config.data.size)
     if float(config.loss.adv) > 0:
         disc_config_from(config).logits_shape(frames, crop, crop)
-    local_batch = per_process_batch(config.data.batch_size, mesh)
+    validate_layout(mesh, rules, rules_name=config.mesh.rules)
+    local_batch = per_process_batch(config.data.batch_size, mesh, int(config.train.grad_accum))
 
     sources = physics_sources(config)
     loader = make_loader(
@@ -209,7 +253,8 @@ def train_vae(config: ml_collections.ConfigDict) -> dict[str, Any]:
     checkpoint.write_json_atomic(workdir / VAE_CONFIG_FILE, dataclass_to_json(vae_cfg))
 
     state, logger = train_sharded(
-        step=make_vae_step(model, config.loss, disc), state=state, state_shardings=shardings,
+        step=make_vae_step(model, config.loss, disc, int(config.train.grad_accum)), state=state,
+        state_shardings=shardings, periodic=make_vae_periodic(model, config, mesh, sources["test"]),
         batch_shardings={"video": batch_sharding(mesh, 5)}, mesh=mesh, rules=rules, data_iter=data_iter,
         to_device=lambda b: global_batch(mesh, {"video": b["video"]}), train_cfg=config.train,
         manager=manager, logdir=workdir / "tb", rng=train_rng, desc="train-vae",
