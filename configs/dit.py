@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from configs.video_data import video_data_config
 
 VARIANTS = ("tiny", "S", "B", "wan2.1-1.3b", "wan2.1-14b")
 
@@ -27,6 +28,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.text = ml_collections.ConfigDict({"encoder_dir": "", "max_length": 24})
     c.data = common.data_config(runlocal=a.runlocal)
     c.data.batch_size = 16
+    # "physics": the built-in dataset above, encoded into <workdir>/latents-<hash>/ on first use.
+    # "video": real videos (data.video; per-bucket global batch sizes in data.video.buckets), read
+    # from a cache written by `sora-jax cache-latents` and passed as data.latents.
+    c.data.source = "physics"
+    c.data.latents = ""  # a latent cache folder (sora-jax cache-latents); "" = build one for physics
+    c.data.video = video_data_config()
     c.mesh = common.mesh_config()
     c.optim = common.optim_config(lr=5e-4 if a.variant == "tiny" else 1e-4, warmup=100)
     c.optim.ema_decay = 0.995 if a.runlocal else 0.9999

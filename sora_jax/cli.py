@@ -25,6 +25,21 @@ def _parser() -> argparse.ArgumentParser:
                                     ("train", "dit", "train the text-to-video DiT on VAE latents")):
         t = sub.add_parser(name, help=helptext, description=helptext + "; override any field with --config.a.b=value")
         t.add_argument("--config", default=default, help=f"config name or file, with optional :arg (default {default})")
+        t.add_argument("--coordinator", help="multi-process run: host:port of process 0 ('auto': let JAX detect "
+                                             "SLURM/MPI/TPU; TPU pod slices are detected without it); "
+                                             "env JAX_COORDINATOR_ADDRESS")
+        t.add_argument("--num-processes", type=int, help="multi-process run: process count (env JAX_NUM_PROCESSES)")
+        t.add_argument("--process-id", type=int, help="multi-process run: this process, 0..n-1 (env JAX_PROCESS_ID)")
+
+    cl = sub.add_parser(
+        "cache-latents", help="encode a dataset once (VAE latents + text embeddings) into ArrayRecord files",
+        description="Encode config.data (the physics dataset, or real videos with --config.data.source=video "
+                    "--config.data.video.path=DIR_OR_MANIFEST and its buckets) with the VAE in config.vae_workdir "
+                    "and the run's text encoder into OUT. Re-running the same command finishes an interrupted "
+                    "build. Train on it with `sora-jax train --config.data.latents=OUT`.")
+    cl.add_argument("out", help="cache folder (cache_info.json + part-*.array_record)")
+    cl.add_argument("--config", default="dit", help="DiT config name or file, with optional :arg (default dit)")
+    cl.add_argument("--part-batches", type=int, default=16, help="batches per ArrayRecord part file (resume unit)")
 
     from sora_jax.diffusion.conditioning import MODE_HELP, MODES
 
@@ -94,6 +109,29 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", type=int, default=4)
     v.add_argument("--seed", type=int, default=0)
 
+    bs = sub.add_parser(
+        "bench-sharding", help="compile the DiT train/sampler step per mesh layout for a target (CPU, TPU pod, local)",
+        description="Ahead-of-time compile of the real DiT step per layout: fits/OOM, memory, FLOPs, collectives "
+                    "and a roofline step time per device. TPU targets need the tpu extra (libtpu), not a TPU. "
+                    "Override config fields with --config.a.b=value.")
+    bs.add_argument("--config", default="dit:variant=tiny", help="DiT config with optional :arg (dit:variant=wan2.1-14b)")
+    bs.add_argument("--target", default="cpu:8",
+                    help="cpu:N (simulated devices), a TPU slice (v5p-8, v5p-256, v5e-16, v6e-8, v4-8, v7x-8, "
+                         "v5p:2x2x1; 2xv5e-256 = two slices) or local (also runs the step)")
+    bs.add_argument("--layouts", action="append", required=True,
+                    help="';'-separated layouts, each key=value items: data/fsdp/tensor/sequence sizes (-1 = rest), "
+                         "rules (data, fsdp, fsdp_tensor, fsdp_sequence), remat (none, full, dots, offload), attention "
+                         "(xla, blockwise, splash, ulysses, ring, ...), batch (per device). Repeatable.")
+    bs.add_argument("--video", help="FRAMESxHEIGHTxWIDTH in pixels, e.g. 81x480x832 (default: config.data)")
+    bs.add_argument("--text-len", type=int, help="text tokens (Wan: 512; default config.text.max_length)")
+    bs.add_argument("--dtype", choices=("bfloat16", "float32"), help="compute dtype (default bf16 on TPU, f32 on CPU)")
+    bs.add_argument("--step", choices=("train", "sample"), default="train",
+                    help="train step (loss, grads, AdamW, EMA) or one CFG sampler step")
+    bs.add_argument("--run-steps", type=int, default=3, help="local target: steps to time after one warm-up")
+    bs.add_argument("--json", help="write {meta, rows} here (rewritten after each layout)")
+    bs.add_argument("--csv", help="write one CSV line per layout here")
+    bs.add_argument("--plot", help="write a PNG of memory and predicted step time per layout here")
+
     b = sub.add_parser("data", help="build the physics_balls dataset (TFDS array_record)")
     b.add_argument("--dir", default="data")
     b.add_argument("--size", type=int, default=64)
@@ -101,7 +139,50 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--num-train", type=int, default=512)
     b.add_argument("--num-test", type=int, default=32)
     b.add_argument("--seed", type=int, default=0)
+
+    from sora_jax.eval.physics_scenes import FAMILIES, SPLITS
+
+    e = sub.add_parser("eval-physics", help="world-model benchmark: physics metrics from pixels vs baselines",
+                       description="Scores frame-conditioned prediction and text-conditioned generation on seeded "
+                                   "physics_balls scenes (families x splits) with pixel-only metrics, next to "
+                                   "ground truth, copy-last, no-gravity re-simulation and another clip; errors also "
+                                   "as multiples of the parse floor. Writes report.json/.md and position_error.png.")
+    e.add_argument("--checkpoint", help="DiT run directory to evaluate (default: baselines only)")
+    e.add_argument("--out", default="outputs/eval_physics", help="folder for report.json, report.md, position_error.png")
+    e.add_argument("--per-split", type=int, default=8, help="scenes per family and split")
+    e.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated subset of {','.join(FAMILIES)}")
+    e.add_argument("--splits", default=",".join(SPLITS), help=f"comma-separated subset of {','.join(SPLITS)}")
+    e.add_argument("--cond-frames", type=int, default=4,
+                   help="pixel frames to condition on, rounded up to whole latent frames (4 -> 5 = 2 latent frames)")
+    e.add_argument("--protocols", default="frames,text", help="frames (conditioned prediction), text (t2v), or both")
+    e.add_argument("--text-prompts", type=int, default=8, help="captions for the text protocol")
+    e.add_argument("--phyworld-scenes", type=int, default=16, help="PhyWorld parse-floor clips (0 skips)")
+    e.add_argument("--phyworld-size", type=int, default=256, help="PhyWorld parse-floor resolution")
+    e.add_argument("--size", type=int, help="scene size in pixels (default: the checkpoint's, else 64)")
+    e.add_argument("--frames", type=int, help="scene length (default: the checkpoint's, else 17)")
+    e.add_argument("--steps", type=int, help="sampler steps (default: the checkpoint's)")
+    e.add_argument("--guidance", type=float, help="classifier-free guidance (default: the checkpoint's)")
+    e.add_argument("--seed", type=int, default=0)
     return p
+
+
+def _eval_physics(a) -> None:
+    from sora_jax.eval.physics_bench import evaluate
+    from sora_jax.eval.physics_scenes import SceneSpec
+
+    def names(arg: str) -> tuple[str, ...]:
+        return tuple(x.strip() for x in arg.split(",") if x.strip())
+
+    scenes = SceneSpec(families=names(a.families), splits=names(a.splits), per_split=a.per_split, seed=a.seed)
+    report, paths = evaluate(a.checkpoint, a.out, scenes=scenes, size=a.size, frames=a.frames, steps=a.steps,
+                             guidance=a.guidance, cond_frames=a.cond_frames, protocols=names(a.protocols),
+                             text_prompts=a.text_prompts, phyworld_scenes=a.phyworld_scenes,
+                             phyworld_size=a.phyworld_size, seed=a.seed,
+                             progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if "png" not in paths:
+        print("no position_error.png: matplotlib is not installed (pip install matplotlib)")
 
 
 def _demo(a) -> None:
@@ -115,8 +196,10 @@ def _demo(a) -> None:
 
 def _train(a, extra) -> None:
     from sora_jax.config_overrides import apply_overrides, load_config
+    from sora_jax.parallel.distributed import cluster_spec, initialize
 
     config = apply_overrides(load_config(a.config), extra)
+    initialize(cluster_spec(a.coordinator, a.num_processes, a.process_id))  # before any device use
     if a.command == "train-vae":
         from sora_jax.train.vae_trainer import train_vae
 
@@ -131,6 +214,16 @@ def _train(a, extra) -> None:
         out = train_dit(config)
         print(f"DiT step {out['step']}: loss {out['final'].get('loss', float('nan')):.4f}; "
               f"checkpoints in {config.workdir}")
+
+
+def _cache_latents(a, extra) -> None:
+    from sora_jax.config_overrides import apply_overrides, load_config
+    from sora_jax.train.dit_data import build_from_config
+
+    info = build_from_config(apply_overrides(load_config(a.config), extra), a.out, part_batches=a.part_batches)
+    counts = ", ".join(f"{b}: {v['num_records']}" for b, v in info["buckets"].items())
+    state = "complete" if info["complete"] else "this process done; waiting for the others"
+    print(f"latent cache {a.out}: {info['num_records']} clips ({counts}); {state}")
 
 
 def _ints(text: str | None, sep: str, n: int, flag: str, form: str) -> tuple[int, ...] | None:
@@ -234,10 +327,26 @@ def _data(a) -> None:
     print({k: len(v) for k, v in sources.items()}, "examples in", a.dir)
 
 
+def _bench_sharding(a, extra) -> None:
+    from sora_jax.bench.sharding import bench_sharding, parse_layouts, run_meta, workload_from
+    from sora_jax.bench.sharding_report import to_markdown, write_outputs
+    from sora_jax.parallel.topology import get_target
+
+    layouts = parse_layouts(";".join(a.layouts))
+    target = get_target(a.target)
+    workload = workload_from(a.config, extra, a.video, a.text_len, a.dtype, a.step, target)
+    meta = run_meta(workload, target)
+    save = lambda rows: write_outputs(rows, meta, a.json, a.csv, None)  # noqa: E731
+    rows = bench_sharding(workload, layouts, target, on_row=save, run_steps=a.run_steps)
+    print(to_markdown(rows))
+    for path in write_outputs(rows, meta, a.json, a.csv, a.plot):
+        print(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sora-jax` console script."""
     args, extra = _parser().parse_known_args(argv)
-    if extra and args.command not in ("train", "train-vae"):
+    if extra and args.command not in ("train", "train-vae", "cache-latents", "bench-sharding"):
         print(f"sora-jax {args.command}: error: unrecognised arguments: {' '.join(extra)}", file=sys.stderr)
         return 2
     try:
@@ -245,12 +354,18 @@ def main(argv: list[str] | None = None) -> int:
             _demo(args)
         elif args.command in ("train", "train-vae"):
             _train(args, extra)
+        elif args.command == "cache-latents":
+            _cache_latents(args, extra)
         elif args.command == "sample":
             _sample(args)
         elif args.command == "convert":
             _convert(args)
+        elif args.command == "eval-physics":
+            _eval_physics(args)
         elif args.command == "vae-stats":
             _vae_stats(args)
+        elif args.command == "bench-sharding":
+            _bench_sharding(args, extra)
         else:
             _data(args)
     except _USER_ERRORS as e:

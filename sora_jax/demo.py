@@ -113,7 +113,7 @@ def run_demo(
                 **{k: vae_out.get(k, float("nan")) for k in ("ssim", "parse_error_px", "parse_error_true_px")},
                 "corrupt_records_skipped": vae_out["corrupt_records_skipped"],
                 "first": vae_out["history"][0] if vae_out["history"] else {}},
-        "dit": {"steps": dit_out["step"], "final": dit_out["final"], "num_captions": dit_out["num_captions"],
+        "dit": {"steps": dit_out["step"], "final": dit_out["final"], "num_clips": dit_out["num_clips"],
                 "first": dit_out["history"][0] if dit_out["history"] else {}},
         "samples": samples,
     }
@@ -150,7 +150,7 @@ def render_report(r: dict) -> str:
         f"SSIM {r['vae']['ssim']:.3f}, ball parse error {r['vae']['parse_error_px']:.2f} px "
         f"(true clips {r['vae']['parse_error_true_px']:.2f} px) |",
         f"| DiT | {r['dit']['steps']} | {r['dit']['first'].get('loss', float('nan')):.4f} | "
-        f"{r['dit']['final'].get('loss', float('nan')):.4f} | {r['dit']['num_captions']} distinct captions |",
+        f"{r['dit']['final'].get('loss', float('nan')):.4f} | {r['dit']['num_clips']} cached clips |",
         "", "| prompt | balls (count match) | colours (match) | mean detected | video |", "|---|---|---|---|---|",
     ]
     for s in r["samples"]:

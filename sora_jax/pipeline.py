@@ -55,7 +55,7 @@ def decode_latents(vae: CausalVAE, params: Any, z: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _encode_latents(vae: CausalVAE, params, video):
-    # The posterior mean, normalized as the DiT's training latents are (latent_cache.py).
+    # The posterior mean, normalized as the DiT's training latents are (latent_records.py).
     return normalize_latents(VideoCodec(vae, chunked=True).encode_fn(params, video)[0], vae.cfg)
 
 

@@ -204,10 +204,12 @@ class _Trainer:
         from tests.conftest import tiny_overrides
 
         self.repo = Path(__file__).absolute().parents[1]
-        self.latents, self.tmp = latents, tmp
+        self.tmp = tmp
         self.procs: list[subprocess.Popen] = []
         self.overrides = tiny_overrides(root) + [
-            f"--config.vae_workdir={vae_dir}", "--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=1",
+            # The fixture run's latent cache: no encoding in the subprocesses.
+            f"--config.vae_workdir={vae_dir}", f"--config.data.latents={latents}",
+            "--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=1",
             "--config.data.batch_size=2", "--config.train.ckpt_every=1", "--config.train.keep=3",
             # All runs share one LR schedule (and so one compiled step) whatever their train.steps.
             "--config.optim.decay_steps=1000", "--config.optim.warmup_steps=3",
@@ -220,9 +222,7 @@ class _Trainer:
 
     def start(self, name: str, steps: int) -> subprocess.Popen:
         workdir = self.tmp / name
-        if not workdir.exists():
-            workdir.mkdir()
-            shutil.copy(self.latents, workdir)  # the cached VAE latents: no encoding in the subprocess
+        workdir.mkdir(exist_ok=True)
         cmd = [sys.executable, "-m", "sora_jax.cli", "train", *self.overrides,
                f"--config.workdir={workdir}", f"--config.train.steps={steps}"]
         # To a file, not a pipe: a chatty process must never block on a full pipe while we poll.
@@ -280,7 +280,7 @@ def _load(step_dir: Path) -> dict:
 def resume_chain(tiny_runs, tmp_path_factory):
     root = Path(tiny_runs["root"])
     tmp = tmp_path_factory.mktemp("resume")
-    t = _Trainer(root, root / "vae", next((root / "dit").glob("latents-*.npz")), tmp)
+    t = _Trainer(root, root / "vae", Path(checkpoint.read_json(root / "dit" / "run.json")["latent_cache"]), tmp)
     out = {"trainer": t}
     start = time.monotonic()
 

@@ -210,6 +210,8 @@ def test_ddpm_run_trains_and_samples_with_ddim(tiny_runs, tmp_path):
 
     cfg = apply_overrides(tiny_runs["dit_cfg"].copy_and_resolve_references(), [
         f"--config.workdir={tmp_path}/dit", "--config.diffusion.objective=ddpm",
+        # The flow run's latent cache: same data, VAE and text encoder (and no second encode here).
+        f"--config.data.latents={checkpoint.read_json(tiny_runs['dit_cfg'].workdir + '/run.json')['latent_cache']}",
         "--config.diffusion.ddpm.prediction=v_prediction", "--config.diffusion.weighting=min_snr"])
     out = train_dit(cfg)
     assert out["step"] == 2 and np.isfinite(out["final"]["loss"])

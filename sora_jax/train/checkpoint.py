@@ -64,7 +64,9 @@ def save(
     if data_iter is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     if rng is not None:
-        items["rng"] = ocp.args.StandardSave({"key": jax.random.key_data(rng)})
+        # As host numpy: the key is the same on every process, and a single-device jax.Array is
+        # "host local" to Orbax, which refuses to save it in a multi-process run.
+        items["rng"] = ocp.args.StandardSave({"key": np.asarray(jax.random.key_data(rng))})
     return manager.save(int(state.step), args=ocp.args.Composite(**items), force=force)
 
 
@@ -212,7 +214,8 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON so a crash never leaves a truncated file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    # Per-process name: on several hosts sharing a filesystem each writes the same file at once.
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
     os.replace(tmp, path)
 

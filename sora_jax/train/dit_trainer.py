@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,27 +11,22 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sora_jax.convert.bert import load_text_encoder
 from sora_jax.diffusion import ddpm, flow
 from sora_jax.diffusion.conditioning import MaskRates, sample_train_masks
 from sora_jax.models.dit import DiT, DiTConfig, dit_config, validate_latent_grid
 from sora_jax.parallel.mesh import batch_sharding, global_batch
 from sora_jax.train import checkpoint
-from sora_jax.train.latent_cache import LatentCache, build_latent_cache, cache_key, make_cache_loader
+from sora_jax.train.accumulate import accumulate_gradients, tree_norm
+from sora_jax.train.dit_data import bucket_spec, cache_dir_for, default_video, train_loader
+from sora_jax.train.latent_records import null_text, read_info
 from sora_jax.train.loop import train_sharded
-from sora_jax.train.setup import dataclass_to_json, mesh_and_rules, per_process_batch, to_python
+from sora_jax.train.setup import (
+    compute_dtype, dataclass_to_json, mesh_and_rules, per_process_batch, to_python, validate_layout,
+)
 from sora_jax.train.state import TrainState, create_sharded_state, make_optimizer
-from sora_jax.train.vae_trainer import physics_sources, load_vae
 
 DIT_CONFIG_FILE = "dit_config.json"
 RUN_FILE = "run.json"
-
-
-def null_text(batch: int, length: int, dim: int) -> tuple[jax.Array, jax.Array]:
-    """The unconditional text: one zero token (a learned bias key/value), the rest padding."""
-    emb = jnp.zeros((batch, length, dim), jnp.float32)
-    mask = jnp.zeros((batch, length), bool).at[:, 0].set(True)
-    return emb, mask
 
 
 def mask_rates(diff_cfg: ml_collections.ConfigDict) -> MaskRates:
@@ -60,7 +56,7 @@ def objective_to_json(objective: flow.FlowObjective | ddpm.DDPMObjective) -> dic
     return {"kind": kind, **dataclasses.asdict(objective)}
 
 
-def make_dit_step(model: DiT, diff_cfg: ml_collections.ConfigDict):
+def make_dit_step(model: DiT, diff_cfg: ml_collections.ConfigDict, grad_accum: int = 1):
     """The (state, batch, rng) -> (state, metrics) function of one flow-matching or DDPM update."""
     objective = objective_from(diff_cfg)
     p_drop = float(diff_cfg.text_dropout)
@@ -90,8 +86,8 @@ def make_dit_step(model: DiT, diff_cfg: ml_collections.ConfigDict):
         return loss, {"loss": loss}
 
     def step(state: TrainState, batch: dict, rng: jax.Array):
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, rng)
-        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        grads, metrics = accumulate_gradients(jax.grad(loss_fn, has_aux=True), state.params, batch, rng, grad_accum)
+        metrics["grad_norm"] = tree_norm(grads)
         return state.apply_gradients(grads), metrics
 
     return step
@@ -100,48 +96,34 @@ def make_dit_step(model: DiT, diff_cfg: ml_collections.ConfigDict):
 def dit_config_from(config: ml_collections.ConfigDict, *, channels: int, text_dim: int) -> DiTConfig:
     """The DiT dataclass of a run: variant table + config.model overrides + data-derived dims."""
     overrides = to_python(config.model)
+    overrides.setdefault("dtype", compute_dtype(config.train.get("dtype", "float32")))  # params stay float32
     return dit_config(config.variant, in_channels=channels, out_channels=channels, text_dim=text_dim, **overrides)
-
-
-def _latent_cache(config, workdir: Path) -> LatentCache:
-    d = config.data
-    vae_config = Path(config.vae_workdir).absolute() / "vae_config.json"
-    if not vae_config.is_file():
-        raise checkpoint.CheckpointError(
-            f"{vae_config} not found; train the VAE first or pass the right --config.vae_workdir")
-    key = cache_key(d.size, d.frames, d.num_train, d.seed, str(Path(config.vae_workdir).absolute()),
-                    vae_config.read_text(),
-                    config.text.encoder_dir, config.text.max_length)
-    path = workdir / f"latents-{key}.npz"
-    if path.exists():
-        return LatentCache.load(path)
-    # Data, VAE and text encoder are loaded only to build the cache: a resumed run starts faster.
-    sources = physics_sources(config)
-    vae, vae_params = load_vae(config.vae_workdir)
-    text_encoder = load_text_encoder(config.text.encoder_dir or None, max_length=config.text.max_length)
-    cache = build_latent_cache(sources["train"], vae, vae_params, text_encoder)
-    workdir.mkdir(parents=True, exist_ok=True)
-    cache.save(path)
-    return cache
 
 
 def train_dit(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Train (or resume) a DiT run in config.workdir on latents of the VAE in config.vae_workdir."""
     workdir = Path(config.workdir).absolute()
     mesh, rules = mesh_and_rules(config)
-    local_batch = per_process_batch(config.data.batch_size, mesh)
-    cache = _latent_cache(config, workdir)
-    grid = cache.latents.shape[1:4]
-    dit_cfg = dit_config_from(config, channels=cache.latents.shape[-1], text_dim=cache.text.shape[-1])
-    validate_latent_grid(dit_cfg, grid)
+    cache_dir = cache_dir_for(config, workdir)
+    info = read_info(cache_dir)
+    spec = bucket_spec(config)
+    per_process = {b.name: per_process_batch(b.batch_size, mesh, config.train.grad_accum) for b in spec.buckets}
+    shapes = {name: b["shapes"] for name, b in info["buckets"].items()}
+    first = shapes[min(shapes)]  # every bucket shares channels and text shape; grids differ
+    latent_shape, text_shape = first["latents"], first["text"]
+    dit_cfg = dit_config_from(config, channels=latent_shape[-1], text_dim=text_shape[-1])
+    for sh in shapes.values():
+        grid = validate_latent_grid(dit_cfg, tuple(sh["latents"][:3]))
+        validate_layout(mesh, rules, rules_name=config.mesh.rules, heads=dit_cfg.num_attention_heads,
+                        ffn=dit_cfg.ffn_dim, tokens=math.prod(grid))
 
     model = DiT(dit_cfg)
     n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     dummy = (
-        jnp.zeros((n_shards, *cache.latents.shape[1:]), jnp.float32),
+        jnp.zeros((n_shards, *latent_shape), jnp.float32),
         jnp.zeros((n_shards,), jnp.float32),
-        jnp.zeros((n_shards, *cache.text.shape[1:]), jnp.float32),
-        jnp.ones((n_shards, cache.text.shape[1]), bool),
+        jnp.zeros((n_shards, *text_shape), jnp.float32),
+        jnp.ones((n_shards, text_shape[0]), bool),
     )
     tx = make_optimizer(config.optim, config.train.steps)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
@@ -149,8 +131,7 @@ def train_dit(config: ml_collections.ConfigDict) -> dict[str, Any]:
         lambda k: model.init({"params": k}, *dummy), tx, float(config.optim.ema_decay), mesh, rules, init_rng
     )
     manager = checkpoint.make_manager(workdir / "ckpt", keep=config.train.keep)
-    data_iter = iter(make_cache_loader(cache, batch_size=local_batch, seed=config.seed,
-                                       worker_count=config.data.worker_count))
+    data_iter = train_loader(config, cache_dir, per_process)
     if manager.latest_step() is not None:
         state = checkpoint.restore(manager, state, data_iter)
     checkpoint.write_json_atomic(workdir / DIT_CONFIG_FILE, dataclass_to_json(dit_cfg))
@@ -158,19 +139,20 @@ def train_dit(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "vae_workdir": str(Path(config.vae_workdir).absolute()),
         "text_encoder_dir": config.text.encoder_dir,
         "text_max_length": config.text.max_length,
-        "latent_grid": list(grid),
+        "latent_grid": list(first["latents"][:3]),
+        "latent_cache": str(cache_dir),
         "sample": to_python(config.sample),
         "objective": objective_to_json(objective_from(config.diffusion)),
-        "video": {"frames": config.data.frames, "size": config.data.size},
+        "video": default_video(config, spec),
     })
 
     state, logger = train_sharded(
-        step=make_dit_step(model, config.diffusion), state=state, state_shardings=shardings,
+        step=make_dit_step(model, config.diffusion, config.train.grad_accum), state=state, state_shardings=shardings,
         batch_shardings={k: batch_sharding(mesh, n) for k, n in (("latents", 5), ("text", 3), ("text_mask", 2))},
-        mesh=mesh, rules=rules, data_iter=data_iter, to_device=lambda b: global_batch(mesh, b),
+        mesh=mesh, rules=rules, data_iter=data_iter, to_device=lambda b: global_batch(mesh, {k: b[k] for k in ("latents", "text", "text_mask")}),
         train_cfg=config.train, manager=manager, logdir=workdir / "tb", rng=train_rng, desc="train-dit",
     )
     manager.close()
     final = logger.history[-1] if logger.history else {}
     return {"step": int(state.step), "final": final, "history": logger.history,
-            "num_captions": len(cache.captions)}
+            "num_clips": info["num_records"]}
