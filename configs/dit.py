@@ -44,6 +44,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "objective": "flow",
             "timestep_sampling": "logit_normal",
             "shift": 1.0,
+            # Resolution/duration-dependent shift: shift * sqrt(tokens / shift_base_tokens) per batch
+            # shape (SD3's rule; each bucket's step gets its own). The base is Wan2.1's 480x832x81.
+            "shift_by_resolution": False,
+            "shift_base_tokens": 21 * 30 * 52,
             "ddpm": ml_collections.ConfigDict({
                 "prediction": "epsilon",  # or "v_prediction"
                 "beta_schedule": "linear",  # or "cosine"
@@ -67,7 +71,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     # solver "auto": euler for flow runs, ddim for DDPM runs; or euler | heun | unipc | ddim.
     c.sample = ml_collections.ConfigDict(
-        {"solver": "auto", "steps": 30, "guidance": 4.0, "shift": 3.0, "fps": 8}
+        {"solver": "auto", "steps": 30, "guidance": 4.0, "shift": 3.0, "fps": 8,
+         # As diffusion.shift_by_resolution, for the sampling grid: shift * sqrt(tokens / base).
+         "shift_by_resolution": False, "shift_base_tokens": 21 * 30 * 52}
     )
     c.train = common.train_config(steps=1500 if a.runlocal else 200_000)
     return c

@@ -22,6 +22,7 @@ from sora_jax.convert.t5 import abstract_t5_params
 from sora_jax.convert.wan_pipeline import PIPELINE_FILE, PIPELINE_KIND, T5_CONFIG_FILE
 from sora_jax.data.pipeline import uint8_to_float
 from sora_jax.diffusion import conditioning as lc
+from sora_jax.diffusion import flow
 from sora_jax.diffusion.ddim import DDIMSampler
 from sora_jax.diffusion.ddpm import DDPMObjective
 from sora_jax.diffusion.samplers import Conditioning, LoopSampler, make_flow_sampler
@@ -135,8 +136,13 @@ class TextToVideo:
         dit_cfg, params = _restore_dit(dit_workdir, run["text_max_length"])
         return cls(vae, vae_params, dit_cfg, params, text_encoder, run)
 
-    def make_sampler(self, solver: str | None = None, steps: int | None = None, guidance: float | None = None) -> LoopSampler:
-        """The sampler of this model's defaults (flow solver, or DDIM for a DDPM run), any field overridden."""
+    def make_sampler(self, solver: str | None = None, steps: int | None = None, guidance: float | None = None,
+                     num_tokens: int | None = None) -> LoopSampler:
+        """The sampler of this model's defaults (flow solver, or DDIM for a DDPM run), any field overridden.
+
+        A run trained with sample.shift_by_resolution scales its flow shift to `num_tokens` (the
+        video's DiT tokens, see `num_tokens`) as training did.
+        """
         s = self.defaults["sample"]
         objective = self.defaults.get("objective", {"kind": "flow"})  # runs before DDPM support: flow
         ddpm_run = objective["kind"] == "ddpm"
@@ -152,7 +158,10 @@ class TextToVideo:
         if ddpm_run:
             fields = {k: v for k, v in objective.items() if k != "kind"}
             return DDIMSampler(num_steps=num_steps, guidance=guidance, objective=DDPMObjective(**fields))
-        fields: dict[str, Any] = dict(num_steps=num_steps, shift=s["shift"])
+        shift = s["shift"]
+        if s.get("shift_by_resolution", False) and num_tokens:
+            shift = flow.resolution_shift(num_tokens, int(s["shift_base_tokens"]), float(shift))
+        fields: dict[str, Any] = dict(num_steps=num_steps, shift=shift)
         if self.kind == PIPELINE_KIND:
             # diffusers' grids: FlowMatchEulerDiscreteScheduler(shift) for Euler/Heun, UniPC's flow sigmas;
             # WanPipeline runs without guidance (conditional branch only) whenever guidance <= 1.
@@ -165,6 +174,10 @@ class TextToVideo:
         size = size or self.defaults["video"]["size"]
         height, width = (size, size) if isinstance(size, int) else size
         return frames, height, width
+
+    def num_tokens(self, frames: int | None = None, size: int | Sequence[int] | None = None) -> int:
+        """DiT tokens of one video of this size (the defaults where None)."""
+        return flow.latent_tokens(self.latent_shape(1, frames, size)[1:4], self.dit_cfg.patch_size)
 
     def latent_shape(self, batch: int, frames: int | None = None, size: int | Sequence[int] | None = None) -> tuple[int, ...]:
         """Our channels-last noise shape (B, T', H', W', C) for a video size, validated against VAE and DiT."""
@@ -216,7 +229,7 @@ class TextToVideo:
         latent_cond = self.condition(mode, shape, inputs, mask_box=mask_box, mask_frames=mask_frames,
                                      strength=strength, direction=direction, cond_frames=cond_frames)
         if sampler is None:
-            sampler = self.make_sampler()
+            sampler = self.make_sampler(num_tokens=flow.latent_tokens(shape[1:4], self.dit_cfg.patch_size))
         text, mask = self._encode(prompts, max_sequence_length)
         text, mask = jnp.asarray(text), jnp.asarray(mask)
         # An empty negative prompt for a training run means its null text (BERT rejects empty prompts).

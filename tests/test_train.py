@@ -226,3 +226,27 @@ def test_ddpm_run_trains_and_samples_with_ddim(tiny_runs, tmp_path):
     flow_run = TextToVideo.load(tiny_runs["dit_cfg"].workdir)
     with pytest.raises(ValueError, match="does not fit a model trained with the flow objective"):
         flow_run.make_sampler("ddim")
+
+
+def test_flow_shift_follows_resolution_and_duration():
+    """With shift_by_resolution, 4x the tokens doubles the flow shift, in training and in the run's sampler."""
+    from sora_jax.train.dit_trainer import objective_for_grid
+
+    cfg = dit_configs.get_config("variant=tiny").diffusion
+    cfg.shift = 3.0
+    base = objective_for_grid(cfg, (21, 60, 104), (1, 2, 2))
+    assert base.shift == 3.0  # off by default: the configured shift whatever the grid
+    cfg.shift_by_resolution = True
+    assert objective_for_grid(cfg, (21, 60, 104), (1, 2, 2)).shift == pytest.approx(3.0)  # the 32,760-token base
+    assert objective_for_grid(cfg, (21, 120, 208), (1, 2, 2)).shift == pytest.approx(6.0)  # 4x tokens
+    assert objective_for_grid(cfg, (84, 60, 104), (1, 2, 2)).shift == pytest.approx(6.0)  # 4x frames
+    cfg.objective = "ddpm"  # no shift in DDPM
+    assert objective_for_grid(cfg, (84, 60, 104), (1, 2, 2)) == objective_from(cfg)
+
+    from sora_jax.pipeline import TextToVideo
+
+    sample = dict(dit_configs.get_config("variant=tiny").sample, shift_by_resolution=True, shift=2.0,
+                  shift_base_tokens=100)
+    t2v = TextToVideo(None, None, None, None, None, {"sample": sample})
+    assert t2v.make_sampler(num_tokens=400).shift == pytest.approx(4.0)
+    assert t2v.make_sampler().shift == pytest.approx(2.0)

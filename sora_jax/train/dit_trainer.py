@@ -56,8 +56,21 @@ def objective_to_json(objective: flow.FlowObjective | ddpm.DDPMObjective) -> dic
     return {"kind": kind, **dataclasses.asdict(objective)}
 
 
+def objective_for_grid(diff_cfg: ml_collections.ConfigDict, grid: tuple[int, ...], patch: tuple[int, ...]
+                       ) -> flow.FlowObjective | ddpm.DDPMObjective:
+    """The objective for one latent grid: with diffusion.shift_by_resolution, a flow shift that grows
+    as sqrt(tokens / shift_base_tokens) from diffusion.shift (bigger or longer videos are noisier at equal t)."""
+    objective = objective_from(diff_cfg)
+    if isinstance(objective, flow.FlowObjective) and bool(diff_cfg.get("shift_by_resolution", False)):
+        tokens = flow.latent_tokens(grid, patch)
+        shift = flow.resolution_shift(tokens, int(diff_cfg.shift_base_tokens), float(diff_cfg.shift))
+        objective = dataclasses.replace(objective, shift=shift)
+    return objective
+
+
 def make_dit_step(model: DiT, diff_cfg: ml_collections.ConfigDict, grad_accum: int = 1):
     """The (state, batch, rng) -> (state, metrics) function of one flow-matching or DDPM update."""
+    by_resolution = bool(diff_cfg.get("shift_by_resolution", False))
     objective = objective_from(diff_cfg)
     p_drop = float(diff_cfg.text_dropout)
     rates = mask_rates(diff_cfg)
@@ -65,6 +78,8 @@ def make_dit_step(model: DiT, diff_cfg: ml_collections.ConfigDict, grad_accum: i
     def loss_fn(params, batch, rng):
         x0, text, mask = batch["latents"], batch["text"], batch["text_mask"]
         b = x0.shape[0]
+        # Shapes are static: each bucket's compiled step carries its own shift.
+        obj = objective_for_grid(diff_cfg, x0.shape[1:4], model.cfg.patch_size) if by_resolution else objective
         if rates.enabled:
             rng, r_given = jax.random.split(rng)
             given = sample_train_masks(r_given, rates, b, x0.shape[1:4])  # [B, T', H', W', 1], 1 = given
@@ -75,14 +90,14 @@ def make_dit_step(model: DiT, diff_cfg: ml_collections.ConfigDict, grad_accum: i
         n_emb, n_mask = null_text(b, text.shape[1], text.shape[2])
         text = jnp.where(drop[:, None, None], n_emb, text)
         mask = jnp.where(drop[:, None], n_mask, mask)
-        time = objective.sample_times(r_time, b)  # flow: sigma in (0, 1); DDPM: integer step
+        time = obj.sample_times(r_time, b)  # flow: sigma in (0, 1); DDPM: integer step
         noise = jax.random.normal(r_noise, x0.shape, x0.dtype)
-        x_t = objective.add_noise(x0, noise, time)
+        x_t = obj.add_noise(x0, noise, time)
         if given is not None:
             # Conditioning cells are seen clean (noise level 0 there), as the sampler holds them, and not scored.
             x_t = jnp.where(given > 0, x0, x_t)
-        pred = model.apply(params, x_t, objective.model_time(time), text, mask)
-        loss = objective.loss(pred, x0, noise, time, given=given).mean()
+        pred = model.apply(params, x_t, obj.model_time(time), text, mask)
+        loss = obj.loss(pred, x0, noise, time, given=given).mean()
         return loss, {"loss": loss}
 
     def step(state: TrainState, batch: dict, rng: jax.Array):
