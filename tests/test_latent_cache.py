@@ -96,30 +96,29 @@ def test_real_video_cache_trains_on_two_buckets(tiny_runs, tmp_path, capsys):
 
     videos = tmp_path / "videos"
     videos.mkdir()
-    for i in range(4):
+    for i in range(8):
         write_mp4(videos / f"wide{i}.mp4", _clip(5, 32, 48, i))
         (videos / f"wide{i}.txt").write_text(f"a wide clip {i}")
         write_mp4(videos / f"square{i}.mp4", _clip(5, 32, 32, 10 + i))
     (videos / "broken.mp4").write_text("not a video")
     root = tiny_runs["root"]
     overrides = [f"--config.vae_workdir={root}/vae", "--config.data.source=video",
-                 f"--config.data.video.path={videos}", "--config.data.video.buckets=32x48x5:2,32x32x5:4",
-                 "--config.mesh.shape.data=2", "--config.mesh.shape.fsdp=1", "--config.mesh.shape.tensor=-1",
-                 "--config.mesh.rules=data"]
+                 f"--config.data.video.path={videos}", "--config.data.video.buckets=32x48x5:8,32x32x5:8",
+                 "--config.mesh.shape.data=8", "--config.mesh.shape.fsdp=1", "--config.mesh.rules=dp"]
     out = tmp_path / "cache"
     code, printed = main(["cache-latents", str(out), *overrides]), capsys.readouterr()
     assert code == 0, printed.err
-    assert "8 clips (32x32x5: 4, 32x48x5: 4); complete" in printed.out
+    assert "16 clips (32x32x5: 8, 32x48x5: 8); complete" in printed.out
     info = lr.read_info(out)
     assert info["buckets"]["32x48x5"]["shapes"]["latents"][:3] == [2, 4, 6]
 
     cfg = apply_overrides(tiny_runs["dit_cfg"].copy_and_resolve_references(), overrides + [
         f"--config.workdir={tmp_path}/dit", f"--config.data.latents={out}", "--config.train.steps=4"])
-    it = lr.make_cache_loader(out, {"32x48x5": 2, "32x32x5": 4}, seed=0)
+    it = lr.make_cache_loader(out, {"32x48x5": 8, "32x32x5": 8}, seed=0)
     seen = set()
     for _ in range(6):
         b = next(it)
-        assert b["latents"].shape[0] == {"32x48x5": 2, "32x32x5": 4}[b["bucket"]]
+        assert b["latents"].shape[0] == 8
         seen.add(b["bucket"])
         # Uncaptioned clips carry the null text (first token on, zero embedding), as dropout does.
         empty = b["caption"] == ""
