@@ -175,6 +175,11 @@ def build_cache(
                 progress["shapes"][b] = {k: list(np.shape(r[k])) for k in FEATURES}
         progress["iterator"] = batches.get_state()
         write_json_atomic(progress_file, progress)
+    if process_count > 1 and progress["done"]:
+        from jax.experimental import multihost_utils
+
+        # Process 0 merges every process's progress: wait until all have written their last part.
+        multihost_utils.sync_global_devices("latent_cache_built")
     return _write_info(out, source, process_count)
 
 
