@@ -76,4 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
          "shift_by_resolution": False, "shift_base_tokens": 21 * 30 * 52}
     )
     c.train = common.train_config(steps=1500 if a.runlocal else 200_000)
+    # Periodic evaluation (train.eval_every / train.sample_every > 0): held-out losses at fixed
+    # noise levels on num_clips clips, and `videos` samples for held-out captions next to their
+    # VAE reconstructions. latents: a held-out cache (`sora-jax cache-latents` on held-out videos);
+    # "" = the physics test split, encoded into the run folder on first use.
+    c.eval = ml_collections.ConfigDict({"num_clips": 8, "videos": 4, "latents": ""})
     return c

@@ -23,35 +23,16 @@ from sora_jax.convert.wan_pipeline import PIPELINE_FILE, PIPELINE_KIND, T5_CONFI
 from sora_jax.data.pipeline import uint8_to_float
 from sora_jax.diffusion import conditioning as lc
 from sora_jax.diffusion import flow
-from sora_jax.diffusion.ddim import DDIMSampler
-from sora_jax.diffusion.ddpm import DDPMObjective
-from sora_jax.diffusion.samplers import Conditioning, LoopSampler, make_flow_sampler
+from sora_jax.diffusion.samplers import Conditioning, LoopSampler, sampler_for_run
 from sora_jax.models.text.encoder import T5TextEncoder, check_prompts
-from sora_jax.models.dit import DiT, DiTConfig, validate_latent_grid
+from sora_jax.models.dit import DiT, DiTConfig, DiTDenoiser, validate_latent_grid
 from sora_jax.models.text.t5 import T5Config
-from sora_jax.models.vae import CausalVAE, denormalize_latents, normalize_latents
-from sora_jax.models.vae_codec import VideoCodec
+from sora_jax.models.vae import CausalVAE, normalize_latents
+from sora_jax.models.vae_codec import VideoCodec, decode_latents
 from sora_jax.train import checkpoint
 from sora_jax.train.dit_trainer import DIT_CONFIG_FILE, RUN_FILE, null_text
 from sora_jax.train.setup import dataclass_from_json, on_one_device
 from sora_jax.train.vae_trainer import load_vae
-
-
-@dataclasses.dataclass(frozen=True)
-class DiTDenoiser:
-    """Hashable (params, x_t, t, text, mask) -> velocity wrapper, so samplers can jit over it."""
-
-    cfg: DiTConfig
-
-    def __call__(self, params, x, t, text, text_mask) -> jax.Array:
-        return DiT(self.cfg).apply(params, x, t, text, text_mask)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def decode_latents(vae: CausalVAE, params: Any, z: jax.Array) -> jax.Array:
-    """Normalized latents [B, T', H', W', C] -> videos [B, T, H, W, 3] in [-1, 1] (chunked VAE decode)."""
-    # Chunked: decoder memory stays that of one latent frame, whatever the video length.
-    return VideoCodec(vae, chunked=True).decode_fn(params, denormalize_latents(z, vae.cfg))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -143,31 +124,8 @@ class TextToVideo:
         A run trained with sample.shift_by_resolution scales its flow shift to `num_tokens` (the
         video's DiT tokens, see `num_tokens`) as training did.
         """
-        s = self.defaults["sample"]
-        objective = self.defaults.get("objective", {"kind": "flow"})  # runs before DDPM support: flow
-        ddpm_run = objective["kind"] == "ddpm"
-        solver = solver or s["solver"]
-        if solver == "auto":
-            solver = "ddim" if ddpm_run else "euler"
-        guidance = s["guidance"] if guidance is None else guidance
-        num_steps = steps or s["steps"]
-        if ddpm_run != (solver == "ddim"):
-            raise ValueError(
-                f"solver {solver!r} does not fit a model trained with the {objective['kind']} objective; use "
-                + ("--sampler ddim" if ddpm_run else "--sampler euler, heun or unipc"))
-        if ddpm_run:
-            fields = {k: v for k, v in objective.items() if k != "kind"}
-            return DDIMSampler(num_steps=num_steps, guidance=guidance, objective=DDPMObjective(**fields))
-        shift = s["shift"]
-        if s.get("shift_by_resolution", False) and num_tokens:
-            shift = flow.resolution_shift(num_tokens, int(s["shift_base_tokens"]), float(shift))
-        fields: dict[str, Any] = dict(num_steps=num_steps, shift=shift)
-        if self.kind == PIPELINE_KIND:
-            # diffusers' grids: FlowMatchEulerDiscreteScheduler(shift) for Euler/Heun, UniPC's flow sigmas;
-            # WanPipeline runs without guidance (conditional branch only) whenever guidance <= 1.
-            fields["schedule"] = "diffusers_unipc" if solver == "unipc" else "diffusers_euler"
-            guidance = max(guidance, 1.0)
-        return make_flow_sampler(solver, guidance=guidance, **fields)
+        return sampler_for_run(self.defaults["sample"], self.defaults.get("objective"), solver=solver, steps=steps,
+                               guidance=guidance, num_tokens=num_tokens, diffusers_grid=self.kind == PIPELINE_KIND)
 
     def _size(self, frames: int | None, size: int | Sequence[int] | None) -> tuple[int, int, int]:
         frames = frames or self.defaults["video"]["frames"]

@@ -2,9 +2,9 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+# Once: pytest-xdist workers inherit the flag from the controlling process, which imported this too.
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -46,13 +46,23 @@ def tiny_runs(tmp_path_factory):
         tiny_overrides(root) + [f"--config.workdir={root}/vae", "--config.data.crop_frames=5",
                                 "--config.mesh.shape.data=8", "--config.mesh.shape.fsdp=1",
                                 "--config.mesh.rules=data",
-                                "--config.data.crop_size=16", "--config.eval.num_clips=4"],
+                                "--config.data.crop_size=16", "--config.eval.num_clips=4",
+                                # The periodic held-out hooks, at the last step only.
+                                "--config.train.eval_every=2", "--config.train.sample_every=2"],
     )
     vae_out = train_vae(vae_cfg)
     dit_cfg = apply_overrides(
         load_config("dit"),
         tiny_overrides(root) + [f"--config.workdir={root}/dit", f"--config.vae_workdir={root}/vae",
-                                "--config.sample.steps=2"],
+                                "--config.sample.steps=2",
+                                # Held-out losses after both steps, sample videos after the last.
+                                "--config.train.eval_every=1", "--config.train.sample_every=2",
+                                "--config.eval.num_clips=8", "--config.eval.videos=2"],
     )
     dit_out = train_dit(dit_cfg)
-    return {"root": root, "vae": vae_out, "dit": dit_out, "vae_cfg": vae_cfg, "dit_cfg": dit_cfg}
+    # Runs that tests derive from this config (other objectives, other data) skip the periodic
+    # hooks: those are tested on this run, and each derived run would compile them again.
+    derive = dit_cfg.copy_and_resolve_references()
+    derive.train.eval_every = derive.train.sample_every = 0
+    return {"root": root, "vae": vae_out, "dit": dit_out, "vae_cfg": vae_cfg, "dit_cfg": derive,
+            "dit_run_cfg": dit_cfg}

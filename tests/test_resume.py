@@ -214,7 +214,7 @@ class _Trainer:
             # All runs share one LR schedule (and so one compiled step) whatever their train.steps.
             "--config.optim.decay_steps=1000", "--config.optim.warmup_steps=3",
         ]
-        flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+        flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
         self.env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
                     "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax_cache"),
                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import dit as dit_configs
@@ -117,6 +118,11 @@ def test_tiny_runs_trained_and_resume(tiny_runs, tmp_path):
     assert vae["step"] == 2 and dit["step"] == 2
     assert np.isfinite(vae["final"]["loss"]) and np.isfinite(dit["final"]["loss"])
     assert np.isfinite(vae["psnr"])
+    # The VAE's periodic hooks ran at step 2: held-out losses, and originals over reconstructions.
+    assert [r["step"] for r in vae["eval_history"]] == [2]
+    assert np.isfinite(vae["eval_history"][0]["eval/loss"]) and vae["eval_history"][0]["eval/mse"] > 0
+    _assert_gif(tiny_runs["vae_cfg"].workdir, "samples/reconstruction", step=2,
+                size=(4 * tiny_runs["vae_cfg"].data.size, 2 * tiny_runs["vae_cfg"].data.size))
     # Resume: asking for 3 steps continues from the saved step 2 and runs exactly one more.
     shutil.copytree(tiny_runs["vae_cfg"].workdir, tmp_path / "vae")
     cfg = apply_overrides(tiny_runs["vae_cfg"].copy_and_resolve_references(),
@@ -250,3 +256,75 @@ def test_flow_shift_follows_resolution_and_duration():
     t2v = TextToVideo(None, None, None, None, None, {"sample": sample})
     assert t2v.make_sampler(num_tokens=400).shift == pytest.approx(4.0)
     assert t2v.make_sampler().shift == pytest.approx(2.0)
+
+
+def test_dit_run_writes_heldout_eval_and_sample_videos(tiny_runs):
+    """train.eval_every / sample_every in the fixture's DiT run: held-out losses of the EMA weights on the
+    physics test split (not the training clips), equal to recomputing them from the checkpoint, and a
+    video grid of reconstructions over samples in TensorBoard."""
+    from pathlib import Path
+
+    from sora_jax.train.dit_trainer import objective_for_grid
+    from sora_jax.train.evaluation import heldout_rows, make_dit_eval
+    from sora_jax.train.latent_records import read_records
+
+    cfg = tiny_runs["dit_run_cfg"]
+    rows = tiny_runs["dit"]["eval_history"]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r[f"eval/loss_t{t}"]) for r in rows for t in (0.1, 0.3, 0.5, 0.7, 0.9))
+    assert rows[0]["eval/loss"] != rows[1]["eval/loss"]  # the weights moved; data and noise did not
+
+    # The held-out clips are the test split's own cache, none of them a training clip.
+    train_cache = Path(checkpoint.read_json(f"{cfg.workdir}/run.json")["latent_cache"])
+    caches = sorted(Path(cfg.workdir).glob("latents-*"))
+    assert len(caches) == 2 and train_cache in caches
+    held = read_records(next(c for c in caches if c != train_cache), 8)
+    train = read_records(train_cache, 64)
+    assert not any(np.allclose(h, t) for h in held["latents"] for t in train["latents"])
+
+    # Recomputed outside the trainer from the saved EMA weights: the step-2 row.
+    mesh = make_mesh({"data": 2, "fsdp": 4})
+    model = DiT(dataclass_from_run(cfg.workdir))
+    params = checkpoint.restore_params(Path(cfg.workdir) / "ckpt", _abstract_params(model, held))
+    params = jax.device_put(params, NamedSharding(mesh, P()))  # replicated: another layout than training's
+    batch = global_batch(mesh, heldout_rows(held, 8, 8))
+    grid = held["latents"].shape[1:4]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(get_rules("fsdp")):
+        again = make_dit_eval(model, objective_for_grid(cfg.diffusion, grid, model.cfg.patch_size))(params, batch)
+    # Float32 sums in another order (replicated vs fsdp weights): agreement to 1e-4 relative.
+    np.testing.assert_allclose(float(again["eval/loss"]), rows[1]["eval/loss"], rtol=1e-4)
+    # 2 columns (eval.videos): VAE reconstructions of the held-out latents over the samples.
+    _assert_gif(cfg.workdir, "samples/heldout", step=2, size=(2 * cfg.data.size, 2 * cfg.data.size))
+
+
+def dataclass_from_run(workdir):
+    """The DiT config a run saved."""
+    from sora_jax.models.dit import DiTConfig
+    from sora_jax.train.dit_trainer import DIT_CONFIG_FILE
+    from sora_jax.train.setup import dataclass_from_json
+
+    return dataclass_from_json(DiTConfig, checkpoint.read_json(f"{workdir}/{DIT_CONFIG_FILE}"))
+
+
+def _abstract_params(model, held):
+    from sora_jax.train.setup import on_one_device
+
+    dummy = (jnp.zeros((1, *held["latents"].shape[1:])), jnp.zeros((1,)), jnp.zeros((1, *held["text"].shape[1:])),
+             jnp.ones((1, held["text"].shape[1]), bool))
+    return on_one_device(jax.eval_shape(lambda: nn.meta.unbox(model.init({"params": jax.random.key(0)}, *dummy))))
+
+
+def _assert_gif(workdir, tag: str, *, step: int, size: tuple[int, int]) -> None:
+    """The run's TensorBoard events hold one GIF under `tag`, at `step`, of `size` (width, height)."""
+    import io
+    from pathlib import Path
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(workdir) / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    images = acc.Images(tag)
+    assert [e.step for e in images] == [step]
+    gif = Image.open(io.BytesIO(images[0].encoded_image_string))
+    assert gif.format == "GIF" and gif.size == size

@@ -231,3 +231,43 @@ def make_flow_sampler(solver: str, **fields: Any) -> LoopSampler:
     if solver in ("euler", "heun"):
         return FlowSampler(solver=solver, **fields)
     raise ValueError(f"unknown solver {solver!r}; use one of {FLOW_SOLVERS}")
+
+
+def sampler_for_run(
+    sample: dict, objective: dict | None = None, *, solver: str | None = None, steps: int | None = None,
+    guidance: float | None = None, num_tokens: int | None = None, diffusers_grid: bool = False,
+) -> LoopSampler:
+    """The sampler a run's `sample` settings and training objective call for, any field overridden.
+
+    `sample` holds solver ("auto": euler for flow, ddim for DDPM), steps, guidance, shift and
+    optionally shift_by_resolution/shift_base_tokens (then the flow shift scales to `num_tokens`);
+    `objective` is run.json's {"kind": "flow"|"ddpm", ...DDPMObjective fields}. `diffusers_grid`
+    uses diffusers' Wan scheduler grids (converted pipelines).
+    """
+    objective = objective or {"kind": "flow"}  # runs from before DDPM support: flow
+    ddpm_run = objective["kind"] == "ddpm"
+    solver = solver or sample["solver"]
+    if solver == "auto":
+        solver = "ddim" if ddpm_run else "euler"
+    guidance = sample["guidance"] if guidance is None else guidance
+    num_steps = steps or sample["steps"]
+    if ddpm_run != (solver == "ddim"):
+        raise ValueError(
+            f"solver {solver!r} does not fit a model trained with the {objective['kind']} objective; use "
+            + ("--sampler ddim" if ddpm_run else "--sampler euler, heun or unipc"))
+    if ddpm_run:
+        from sora_jax.diffusion.ddim import DDIMSampler  # ddim builds on this module: import late
+        from sora_jax.diffusion.ddpm import DDPMObjective
+
+        fields = {k: v for k, v in objective.items() if k != "kind"}
+        return DDIMSampler(num_steps=num_steps, guidance=guidance, objective=DDPMObjective(**fields))
+    shift = sample["shift"]
+    if sample.get("shift_by_resolution", False) and num_tokens:
+        shift = flow.resolution_shift(num_tokens, int(sample["shift_base_tokens"]), float(shift))
+    kw: dict[str, Any] = dict(num_steps=num_steps, shift=shift)
+    if diffusers_grid:
+        # diffusers' grids: FlowMatchEulerDiscreteScheduler(shift) for Euler/Heun, UniPC's flow sigmas;
+        # WanPipeline runs without guidance (conditional branch only) whenever guidance <= 1.
+        kw["schedule"] = "diffusers_unipc" if solver == "unipc" else "diffusers_euler"
+        guidance = max(guidance, 1.0)
+    return make_flow_sampler(solver, guidance=guidance, **kw)

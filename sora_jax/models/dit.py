@@ -371,3 +371,13 @@ def unpatchify(x: jax.Array, grid: tuple[int, int, int], patch_size: tuple[int, 
     x = x.reshape(b, t, h, w, pt, ph, pw, -1)
     x = jnp.transpose(x, (0, 1, 4, 2, 5, 3, 6, 7))  # [batch, T', pt, H', ph, W', pw, C]
     return x.reshape(b, t * pt, h * ph, w * pw, -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTDenoiser:
+    """Hashable (params, x_t, t, text, mask) -> velocity wrapper, so samplers can jit over it."""
+
+    cfg: DiTConfig
+
+    def __call__(self, params, x, t, text, text_mask) -> jax.Array:
+        return DiT(self.cfg).apply(params, x, t, text, text_mask)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sora_jax.models.vae import CausalVAE, split_moments, validate_video_shape
+from sora_jax.models.vae import CausalVAE, denormalize_latents, split_moments, validate_video_shape
 
 Params = Any
 
@@ -182,3 +182,10 @@ class VideoCodec:
     def decode(self, params: Params, z: jax.Array) -> jax.Array:
         """Jitted `decode_fn`."""
         return self.decode_fn(params, z)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def decode_latents(vae: CausalVAE, params: Any, z: jax.Array) -> jax.Array:
+    """Normalized latents [B, T', H', W', C] -> videos [B, T, H, W, 3] in [-1, 1] (chunked VAE decode)."""
+    # Chunked: decoder memory stays that of one latent frame, whatever the video length.
+    return VideoCodec(vae, chunked=True).decode_fn(params, denormalize_latents(z, vae.cfg))

@@ -40,8 +40,12 @@ def bucket_spec(config: ml_collections.ConfigDict) -> BucketSpec:
     return BucketSpec((Bucket(d.size, d.size, d.frames, int(d.batch_size)),), multiple=1)
 
 
-def cache_inputs(config: ml_collections.ConfigDict) -> dict:
-    """What a cache is built from; a cache (or a resumed build) with other inputs is refused."""
+def cache_inputs(config: ml_collections.ConfigDict, split: str = "train") -> dict:
+    """What a cache is built from; a cache (or a resumed build) with other inputs is refused.
+
+    `split` "test" is the physics dataset's held-out split (periodic evaluation); "train" adds no key,
+    so caches built before splits existed keep their names.
+    """
     vae_config = Path(config.vae_workdir).absolute() / "vae_config.json"
     if not vae_config.is_file():
         raise checkpoint.CheckpointError(
@@ -55,16 +59,18 @@ def cache_inputs(config: ml_collections.ConfigDict) -> dict:
             raise ValueError("config.data.video.path is empty; set it to a video folder or a .jsonl/.csv manifest")
     else:
         data = {"source": "physics", "size": d.size, "frames": d.frames, "num_train": d.num_train, "seed": d.seed}
+        if split != "train":
+            data.update(split=split, num_test=d.num_test)
     return {"data": data, "vae_workdir": str(Path(config.vae_workdir).absolute()),
             "vae_config": cache_key(vae_config.read_text()),
             "text_encoder": config.text.encoder_dir, "text_max_length": int(config.text.max_length)}
 
 
-def _batches(config: ml_collections.ConfigDict, process: int, count: int):
+def _batches(config: ml_collections.ConfigDict, process: int, count: int, split: str = "train"):
     """One in-order pass over this process's share of the data, as per-bucket batches."""
     if _source(config) == "physics":
         d = config.data
-        source = physics_sources(config)["train"]
+        source = physics_sources(config)[split]
         return one_pass_batches(source, Bucket(d.size, d.size, d.frames, max(1, int(d.batch_size) // count)),
                                 shard_index=process, shard_count=count)
     v = config.data.video
@@ -78,13 +84,13 @@ def _batches(config: ml_collections.ConfigDict, process: int, count: int):
 
 
 def build_from_config(config: ml_collections.ConfigDict, out_dir: str | Path, *, max_parts: int | None = None,
-                      part_batches: int = 16) -> dict:
+                      part_batches: int = 16, split: str = "train") -> dict:
     """Encode config.data with the run's VAE and text encoder into a latent cache (resumable)."""
-    inputs = cache_inputs(config)
+    inputs = cache_inputs(config, split)
     vae, vae_params = load_vae(config.vae_workdir)
     text_encoder = load_text_encoder(config.text.encoder_dir or None, max_length=config.text.max_length)
     process, count = jax.process_index(), jax.process_count()
-    return build_cache(out_dir, _batches(config, process, count), make_encoder(vae, vae_params, text_encoder),
+    return build_cache(out_dir, _batches(config, process, count, split), make_encoder(vae, vae_params, text_encoder),
                        source=inputs, part_batches=part_batches, process_index=process, process_count=count,
                        max_parts=max_parts)
 
@@ -111,6 +117,30 @@ def cache_dir_for(config: ml_collections.ConfigDict, workdir: Path) -> Path:
         read_info(path)
     except CacheError:  # absent or unfinished: build, or finish an interrupted build
         build_from_config(config, path)
+    return path
+
+
+def heldout_cache_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+    """The held-out latents of periodic evaluation: config.eval.latents, or the physics test split's cache.
+
+    Real videos have no built-in split: encode a held-out manifest with `sora-jax cache-latents` and
+    pass it as --config.eval.latents (it must come from the same VAE and text encoder).
+    """
+    latents = str(config.get("eval", {}).get("latents", "") or "")
+    if latents:
+        info = read_info(latents)
+        if info["source"]["vae_config"] != cache_inputs(config)["vae_config"]:
+            raise CacheError(f"the held-out cache {latents} was encoded with another VAE than "
+                             f"{config.vae_workdir}; rebuild it with this run's VAE")
+        return Path(latents)
+    if _source(config) == "video":
+        raise ValueError("train.eval_every/sample_every with config.data.source=video need held-out latents: "
+                         "encode a held-out manifest with `sora-jax cache-latents` and pass --config.eval.latents=DIR")
+    path = workdir / f"latents-{cache_key(cache_inputs(config, 'test'))}"
+    try:
+        read_info(path)
+    except CacheError:
+        build_from_config(config, path, split="test")
     return path
 
 

@@ -17,13 +17,16 @@ from sora_jax.models.dit import DiT, DiTConfig, dit_config, validate_latent_grid
 from sora_jax.parallel.mesh import batch_sharding, global_batch
 from sora_jax.train import checkpoint
 from sora_jax.train.accumulate import accumulate_gradients, tree_norm
-from sora_jax.train.dit_data import bucket_spec, cache_dir_for, default_video, train_loader
-from sora_jax.train.latent_records import null_text, read_info
-from sora_jax.train.loop import train_sharded
+from sora_jax.diffusion.samplers import sampler_for_run
+from sora_jax.train.dit_data import bucket_spec, cache_dir_for, default_video, heldout_cache_dir, train_loader
+from sora_jax.train.evaluation import heldout_rows, make_dit_periodic
+from sora_jax.train.latent_records import null_text, read_info, read_records
+from sora_jax.train.loop import Periodic, train_sharded
 from sora_jax.train.setup import (
     compute_dtype, dataclass_to_json, mesh_and_rules, per_process_batch, to_python, validate_layout,
 )
 from sora_jax.train.state import TrainState, create_sharded_state, make_optimizer
+from sora_jax.train.vae_trainer import load_vae
 
 DIT_CONFIG_FILE = "dit_config.json"
 RUN_FILE = "run.json"
@@ -115,6 +118,27 @@ def dit_config_from(config: ml_collections.ConfigDict, *, channels: int, text_di
     return dit_config(config.variant, in_channels=channels, out_channels=channels, text_dim=text_dim, **overrides)
 
 
+def dit_periodic(config: ml_collections.ConfigDict, workdir: Path, model: DiT, mesh) -> tuple[Periodic, ...]:
+    """train.eval_every / train.sample_every: held-out losses and sample videos (see evaluation.py)."""
+    eval_every, sample_every = int(config.train.get("eval_every", 0)), int(config.train.get("sample_every", 0))
+    if eval_every <= 0 and sample_every <= 0:
+        return ()
+    ev = config.get("eval", ml_collections.ConfigDict())
+    num_clips, num_videos = int(ev.get("num_clips", 8)), int(ev.get("videos", 4))
+    records = read_records(heldout_cache_dir(config, workdir), max(num_clips, num_videos))
+    heldout = heldout_rows(records, mesh.shape["data"] * mesh.shape["fsdp"], num_clips)
+    grid = heldout["latents"].shape[1:4]
+    objective = objective_for_grid(config.diffusion, grid, model.cfg.patch_size)
+    sampler = vae = vae_params = None
+    if sample_every > 0:
+        vae, vae_params = load_vae(config.vae_workdir)
+        sampler = sampler_for_run(to_python(config.sample), objective_to_json(objective_from(config.diffusion)),
+                                  num_tokens=flow.latent_tokens(grid, model.cfg.patch_size))
+    return make_dit_periodic(model, objective, mesh, heldout, eval_every=eval_every, sample_every=sample_every,
+                             sampler=sampler, vae=vae, vae_params=vae_params, num_videos=num_videos,
+                             seed=int(config.seed))
+
+
 def train_dit(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Train (or resume) a DiT run in config.workdir on latents of the VAE in config.vae_workdir."""
     workdir = Path(config.workdir).absolute()
@@ -163,6 +187,7 @@ def train_dit(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
     state, logger = train_sharded(
         step=make_dit_step(model, config.diffusion, config.train.grad_accum), state=state, state_shardings=shardings,
+        periodic=dit_periodic(config, workdir, model, mesh),
         batch_shardings={k: batch_sharding(mesh, n) for k, n in (("latents", 5), ("text", 3), ("text_mask", 2))},
         mesh=mesh, rules=rules, data_iter=data_iter, to_device=lambda b: global_batch(mesh, {k: b[k] for k in ("latents", "text", "text_mask")}),
         train_cfg=config.train, manager=manager, logdir=workdir / "tb", rng=train_rng, desc="train-dit",
@@ -170,4 +195,4 @@ def train_dit(config: ml_collections.ConfigDict) -> dict[str, Any]:
     manager.close()
     final = logger.history[-1] if logger.history else {}
     return {"step": int(state.step), "final": final, "history": logger.history,
-            "num_clips": info["num_records"]}
+            "eval_history": logger.eval_history, "num_clips": info["num_records"]}

@@ -2,10 +2,13 @@
 
 The training loss is noisy (random timesteps, noise, dropout); comparing checkpoints needs a loss
 that only the weights can move: the same held-out batch, the same noise levels, the same noise.
+Sample videos likewise start from fixed noise and fixed held-out captions, so a TensorBoard
+timeline of them shows what training changed.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,6 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sora_jax.diffusion import ddpm, flow
+from sora_jax.diffusion.samplers import Conditioning, LoopSampler
+from sora_jax.models.dit import DiTDenoiser
+from sora_jax.models.vae import CausalVAE
+from sora_jax.models.vae_codec import decode_latents
+from sora_jax.parallel.mesh import batch_sharding, replicated
+from sora_jax.train.latent_records import FEATURES, null_text
+from sora_jax.train.loop import Periodic
 
 # Noise levels (fractions of the way from data to noise) that eval/loss_t{...} reports.
 DEFAULT_EVAL_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -74,3 +84,62 @@ def video_grid(videos: np.ndarray, columns: int = 4) -> np.ndarray:
     tiles = np.concatenate([videos, pad]).reshape(rows, columns, t, h, w, c)
     grid = tiles.transpose(2, 0, 3, 1, 4, 5).reshape(t, rows * h, columns * w, c)
     return np.clip(np.rint((grid + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def heldout_rows(records: dict[str, Any], shards: int, num_clips: int) -> dict[str, np.ndarray]:
+    """`num_clips` rounded to a multiple of the batch shards (at least one per shard), cycling the records."""
+    have = len(records["latents"])
+    n = max(shards, num_clips // shards * shards)
+    take = [i % have for i in range(n)]
+    return {k: np.asarray(records[k])[take] for k in FEATURES}
+
+
+def _process_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's contiguous share of a batch every process holds whole."""
+    n, p, i = len(batch["latents"]), jax.process_count(), jax.process_index()
+    return {k: v[i * n // p:(i + 1) * n // p] for k, v in batch.items()}
+
+
+def make_dit_periodic(
+    model: Any, objective: flow.FlowObjective | ddpm.DDPMObjective, mesh, heldout: dict[str, np.ndarray], *,
+    eval_every: int, sample_every: int, sampler: LoopSampler | None = None, vae: CausalVAE | None = None,
+    vae_params: Any = None, num_videos: int = 4, seed: int = 0,
+) -> tuple[Periodic, ...]:
+    """Held-out denoising losses every `eval_every` steps and sampled videos every `sample_every`.
+
+    `heldout` (latents, text, text_mask; the same on every process, a multiple of the batch shards)
+    is placed once. Videos: the VAE decode of the first `num_videos` held-out latents over samples
+    for their captions from fixed noise, with the EMA weights, as one grid per write.
+    """
+    out: list[Periodic] = []
+    if eval_every > 0:
+        evaluate = make_dit_eval(model, objective, seed=seed)
+        local = _process_rows(heldout)
+        batch = {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in local.items()}
+        out.append(Periodic(eval_every, lambda state: evaluate(state.eval_params, batch)))
+    if sample_every > 0:
+        if sampler is None or vae is None:
+            raise ValueError("sample videos need a sampler and the run's VAE")
+        k = max(1, min(num_videos, len(heldout["latents"])))
+        everywhere = replicated(mesh)
+        # Host numpy first: the VAE was restored onto one device, and a multi-process mesh takes
+        # only values every process holds.
+        vae_params = jax.device_put(jax.tree.map(np.asarray, vae_params), everywhere)
+        latents, text, mask = (jax.device_put(heldout[key][:k], everywhere) for key in FEATURES)
+        n_text, n_mask = (jax.device_put(np.asarray(a), everywhere) for a in null_text(k, text.shape[1], text.shape[2]))
+        noise = jax.device_put(np.asarray(jax.random.normal(jax.random.key(seed), latents.shape)), everywhere)
+        inputs = (latents, noise, Conditioning(text, mask, n_text, n_mask))
+        denoiser = DiTDenoiser(model.cfg)
+
+        @functools.partial(jax.jit, out_shardings=everywhere)
+        def truth_and_samples(params, vae_params, latents, noise, cond):
+            z = sampler(denoiser, params, noise, cond)
+            # One decode of both rows: the held-out latents (what the captions show) over the samples.
+            return decode_latents(vae, vae_params, jnp.concatenate([latents, z]))
+
+        def videos(state):
+            grid = np.asarray(truth_and_samples(state.eval_params, vae_params, *inputs), np.float32)
+            return {"samples/heldout": video_grid(grid, columns=k)}
+
+        out.append(Periodic(sample_every, videos, kind="videos"))
+    return tuple(out)

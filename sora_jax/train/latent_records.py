@@ -271,3 +271,28 @@ def make_cache_loader(
 def _bucket(name: str, batch_size: int) -> Bucket:
     h, w, t = (int(v) for v in name.split("x"))
     return Bucket(h, w, t, batch_size)
+
+
+def read_records(cache_dir: str | Path, limit: int, bucket: str | None = None) -> dict[str, Any]:
+    """The first `limit` records of one bucket (default: the one with most records), stacked as one batch.
+
+    For small fixed held-out sets (periodic evaluation): read in file order, no shuffling, no grain.
+    """
+    info = read_info(cache_dir)
+    counts = info["buckets"]
+    name = bucket or max(sorted(counts), key=lambda b: counts[b]["num_records"])
+    if name not in counts:
+        raise CacheError(f"the cache {cache_dir} has no bucket {name!r}; it has {sorted(counts)}")
+    source = grain.sources.ArrayRecordDataSource(part_files(cache_dir))
+    rows = []
+    for i in range(len(source)):
+        record = decode_record(source[i])
+        if record["bucket"] == name:
+            rows.append(record)
+            if len(rows) == limit:
+                break
+    if not rows:
+        raise CacheError(f"the cache {cache_dir} holds no records of bucket {name!r}")
+    out: dict[str, Any] = {k: np.stack([r[k] for r in rows]) for k in FEATURES}
+    out["caption"] = [str(r["caption"]) for r in rows]
+    return out

@@ -268,7 +268,8 @@ def train_vae(config: ml_collections.ConfigDict) -> dict[str, Any]:
     metrics = evaluate_vae(model, state.eval_params, sources["test"], config.eval.num_clips)
     manager.close()
     final = logger.history[-1] if logger.history else {}
-    return {"step": int(state.step), "final": final, "history": logger.history, **metrics,
+    return {"step": int(state.step), "final": final, "history": logger.history,
+            "eval_history": logger.eval_history, **metrics,
             "corrupt_records_skipped": loader.stats.corrupt}
 
 
