@@ -16,6 +16,8 @@ declare -A LAYOUT=(
   [fsdp-seq4]="fsdp=-1,sequence=4,rules=fsdp_sequence,remat=full,attention=ulysses,batch=1"
   [fsdp-tp2]="fsdp=-1,tensor=2,rules=fsdp_tensor,remat=full,attention=blockwise,batch=1"
   [fsdp-tp4]="fsdp=-1,tensor=4,rules=fsdp_tensor,remat=full,attention=blockwise,batch=1"
+  # Hybrid: weights sharded 16 ways (enough for 1.3B's state), replicas over the rest of the slice.
+  [dp-fsdp16]="data=-1,fsdp=16,remat=full,attention=blockwise,batch=1"
 )
 run() {  # variant video target layout-name
   local name="$out/${1}_${2}_${3}_${4}"
@@ -37,5 +39,7 @@ jobs() {
   for t in v5p-8 v5e-16 v5p-64 v5p-256 v5e-256; do echo "wan2.1-1.3b 81x720x1280 $t fsdp"; done
   for t in v5p-64 v5p-256 v5e-256; do echo "wan2.1-14b 81x720x1280 $t fsdp-seq4"; done
   for t in v5p-8 v5e-16; do echo "wan2.1-1.3b 81x480x832 $t fsdp-dots"; echo "wan2.1-1.3b 81x480x832 $t fsdp-seq2"; done
+  for t in v5p-256 v5e-256; do echo "wan2.1-1.3b 81x480x832 $t dp-fsdp16"; done
+  echo "wan2.1-1.3b 81x720x1280 v5e-16 fsdp-seq2"
 }
 jobs | grep -- "${1:-}" | while read -r v video t l; do run "$v" "$video" "$t" "$l"; done

@@ -33,12 +33,35 @@ def tiny_overrides(root) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory):
-    """A VAE run and a DiT run trained for a couple of steps; shared by CLI/pipeline tests."""
+    """A VAE run and a DiT run trained for a couple of steps; shared by CLI/pipeline tests.
+
+    Under pytest-xdist the first worker to ask trains them in the run's shared temporary folder and
+    the others wait for it and load the result, instead of each spending minutes on the same runs.
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _train_tiny_runs(tmp_path_factory.mktemp("runs"))
+    import pickle
+
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # the same folder for every worker of this run
+    result = shared / "tiny_runs.pkl"
+    with FileLock(f"{result}.lock"):
+        if not result.is_file():
+            root = shared / "tiny_runs"
+            root.mkdir(exist_ok=True)
+            out = _train_tiny_runs(root)
+            tmp = result.with_suffix(".tmp")
+            tmp.write_bytes(pickle.dumps(out))
+            tmp.replace(result)
+    return pickle.loads(result.read_bytes())
+
+
+def _train_tiny_runs(root):
     from sora_jax.config_overrides import apply_overrides, load_config
     from sora_jax.train.dit_trainer import train_dit
     from sora_jax.train.vae_trainer import train_vae
 
-    root = tmp_path_factory.mktemp("runs")
     vae_cfg = apply_overrides(
         load_config("vae"),
         # Pure data parallel here: the sharded (fsdp) step is covered in test_train, and the VAE's
