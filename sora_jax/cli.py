@@ -270,7 +270,8 @@ def _sample(a) -> None:
         noise = noise_from_diffusers(np.load(a.latents, allow_pickle=False),
                                      t2v.latent_shape(len(a.prompt), a.frames, size))
     videos = t2v.generate(a.prompt, seed=a.seed, frames=a.frames, size=size, noise=noise,
-                          sampler=t2v.make_sampler(a.solver, a.steps, a.guidance, t2v.num_tokens(1 if a.mode == "t2i" else a.frames, size)),
+                          sampler=t2v.make_sampler(a.solver, a.steps, a.guidance,
+                                                   t2v.num_tokens(1 if a.mode == "t2i" else a.frames, size)),
                           negative_prompt=a.negative_prompt, max_sequence_length=a.max_sequence_length,
                           mode=a.mode, inputs=a.input, mask_box=mask_box, mask_frames=mask_frames,
                           strength=a.strength, direction=a.direction, cond_frames=a.cond_frames)

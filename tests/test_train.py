@@ -297,6 +297,31 @@ def test_dit_run_writes_heldout_eval_and_sample_videos(tiny_runs):
     _assert_gif(cfg.workdir, "samples/heldout", step=2, size=(2 * cfg.data.size, 2 * cfg.data.size))
 
 
+def test_heldout_cache_from_another_text_encoder_is_refused(tiny_runs, tmp_path):
+    """--config.eval.latents must be encoded like the run's own latents; a mismatch is one clear error."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from sora_jax.config_overrides import apply_overrides
+    from sora_jax.train.dit_data import heldout_cache_dir
+    from sora_jax.train.latent_records import CacheError
+
+    cfg = tiny_runs["dit_run_cfg"]
+    train_cache = Path(checkpoint.read_json(f"{cfg.workdir}/run.json")["latent_cache"])
+    held = next(c for c in Path(cfg.workdir).glob("latents-*") if c != train_cache)
+    ok = apply_overrides(cfg.copy_and_resolve_references(), [f"--config.eval.latents={held}"])
+    assert heldout_cache_dir(ok, tmp_path) == held
+    other = tmp_path / "other"
+    shutil.copytree(held, other)
+    info = json.loads((other / "cache_info.json").read_text())
+    info["source"]["text_max_length"] += 1
+    (other / "cache_info.json").write_text(json.dumps(info))
+    bad = apply_overrides(cfg.copy_and_resolve_references(), [f"--config.eval.latents={other}"])
+    with pytest.raises(CacheError, match="another VAE or text encoder"):
+        heldout_cache_dir(bad, tmp_path)
+
+
 def dataclass_from_run(workdir):
     """The DiT config a run saved."""
     from sora_jax.models.dit import DiTConfig

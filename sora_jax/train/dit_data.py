@@ -111,12 +111,16 @@ def cache_dir_for(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     if _source(config) == "video":
         raise ValueError("config.data.source=video needs a latent cache: run `sora-jax cache-latents` and "
                          "pass it with --config.data.latents=DIR")
-    inputs = cache_inputs(config)
-    path = workdir / f"latents-{cache_key(inputs)}"
+    return _run_folder_cache(config, workdir, "train")
+
+
+def _run_folder_cache(config: ml_collections.ConfigDict, workdir: Path, split: str) -> Path:
+    """The physics `split`'s cache in the run folder, named by its inputs; built (or finished) on first use."""
+    path = workdir / f"latents-{cache_key(cache_inputs(config, split))}"
     try:
         read_info(path)
     except CacheError:  # absent or unfinished: build, or finish an interrupted build
-        build_from_config(config, path)
+        build_from_config(config, path, split=split)
     return path
 
 
@@ -128,20 +132,17 @@ def heldout_cache_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     """
     latents = str(config.get("eval", {}).get("latents", "") or "")
     if latents:
-        info = read_info(latents)
-        if info["source"]["vae_config"] != cache_inputs(config)["vae_config"]:
-            raise CacheError(f"the held-out cache {latents} was encoded with another VAE than "
-                             f"{config.vae_workdir}; rebuild it with this run's VAE")
+        source, run = read_info(latents)["source"], cache_inputs(config)
+        got = {k: source.get(k) for k in ("vae_config", "text_encoder", "text_max_length")}
+        want = {k: run[k] for k in got}
+        if got != want:
+            raise CacheError(f"the held-out cache {latents} was encoded with another VAE or text encoder than this "
+                             f"run ({got} vs {want}); rebuild it with `sora-jax cache-latents` and this run's config")
         return Path(latents)
     if _source(config) == "video":
         raise ValueError("train.eval_every/sample_every with config.data.source=video need held-out latents: "
                          "encode a held-out manifest with `sora-jax cache-latents` and pass --config.eval.latents=DIR")
-    path = workdir / f"latents-{cache_key(cache_inputs(config, 'test'))}"
-    try:
-        read_info(path)
-    except CacheError:
-        build_from_config(config, path, split="test")
-    return path
+    return _run_folder_cache(config, workdir, "test")
 
 
 def train_loader(config: ml_collections.ConfigDict, cache_dir: Path, per_process: dict[str, int]) -> Any:

@@ -13,11 +13,11 @@ import ml_collections
 
 from sora_jax.diffusion import ddpm, flow
 from sora_jax.diffusion.conditioning import MaskRates, sample_train_masks
+from sora_jax.diffusion.samplers import sampler_for_run
 from sora_jax.models.dit import DiT, DiTConfig, dit_config, validate_latent_grid
 from sora_jax.parallel.mesh import batch_sharding, global_batch
 from sora_jax.train import checkpoint
 from sora_jax.train.accumulate import accumulate_gradients, tree_norm
-from sora_jax.diffusion.samplers import sampler_for_run
 from sora_jax.train.dit_data import bucket_spec, cache_dir_for, default_video, heldout_cache_dir, train_loader
 from sora_jax.train.evaluation import heldout_rows, make_dit_periodic
 from sora_jax.train.latent_records import null_text, read_info, read_records
