@@ -14,6 +14,8 @@ import ml_collections
 
 from configs import dit as dit_configs
 from configs import vae as vae_configs
+from sora_jax.data.physics import format_combos
+from sora_jax.eval.physics_scenes import HELD_OUT_COMBOS
 
 # Shares of the wall-time budget; the rest is data, latent caching and compiles. On CPU the VAE's
 # convs dominate and its reconstructions bound every pixel metric, so it gets the larger share.
@@ -34,6 +36,8 @@ def reference_configs(
     for c in (vae, dit):
         c.data.dir = str(outdir / "data")
         c.data.num_train = num_train
+        # The benchmark's combinatorial split must stay unseen for its numbers to mean generalisation.
+        c.data.exclude = format_combos(HELD_OUT_COMBOS)
         c.train.ckpt_every = 500
         c.train.progress = False
         c.train.log_every = 50

@@ -139,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--num-train", type=int, default=512)
     b.add_argument("--num-test", type=int, default=32)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--exclude", default="", help="(colour, count) pairs no clip may have, e.g. red3,cyan1")
 
     from sora_jax.eval.physics_scenes import FAMILIES, SPLITS
 
@@ -324,7 +325,7 @@ def _data(a) -> None:
     from sora_jax.data.physics_tfds import build_physics_dataset
 
     sources = build_physics_dataset(str(Path(a.dir).absolute()), size=a.size, frames=a.frames,
-                                    num_train=a.num_train, num_test=a.num_test, seed=a.seed)
+                                    num_train=a.num_train, num_test=a.num_test, seed=a.seed, exclude=a.exclude)
     print({k: len(v) for k, v in sources.items()}, "examples in", a.dir)
 
 

@@ -12,10 +12,12 @@ from sora_jax.data.physics import (
     COLOR_NAMES,
     PhysicsConfig,
     parse_caption,
+    parse_combos,
     run_physics,
     simulate,
 )
 from sora_jax.data.physics_tfds import build_physics_dataset, example_seed
+from sora_jax.eval.physics_scenes import HELD_OUT_COMBOS, SceneSpec, make_scene
 
 SIZE, FRAMES, NUM_TRAIN, NUM_TEST = 32, 9, 12, 4
 CFG = PhysicsConfig(size=SIZE, frames=FRAMES)
@@ -158,6 +160,54 @@ def test_build_reuses_prepared_dataset(datasets, tmp_path_factory):
     again = build_physics_dataset(str(d), **kw)
     assert first["train"][1]["video"].tobytes() == again["train"][1]["video"].tobytes()
     assert [p.name for p in d.glob("physics_balls/s*")] == ["s32_f5_n2_t1_seed0"]
+
+
+def _pairs(ex) -> set:
+    n = int(ex["num_balls"])
+    return {(COLOR_NAMES[c], n) for c in ex["colors"][:n]}
+
+
+def test_excluded_combos_never_drawn_and_other_clips_unchanged():
+    excluded = parse_combos("red3,cyan1,magenta2")
+    assert set(excluded) == set(HELD_OUT_COMBOS)
+    cfg = dataclasses.replace(CFG, exclude=excluded)
+    redrawn = 0
+    for seed in range(150):
+        plain, kept = simulate(seed, CFG), simulate(seed, cfg)
+        assert not _pairs(kept) & set(excluded), seed
+        if _pairs(plain) & set(excluded):
+            redrawn += 1
+        else:  # exclusion only redraws the clips it must: every other clip is the same
+            assert np.array_equal(plain["video"], kept["video"]) and plain["caption"] == kept["caption"]
+    assert 20 < redrawn < 100  # the filter had something to do
+    # The benchmark's combo scenes are exactly what such training data lacks.
+    for i in range(len(HELD_OUT_COMBOS)):
+        assert _pairs(make_scene(SceneSpec(size=SIZE, frames=FRAMES), "multi", "combo", i)) & set(excluded)
+
+
+def test_exclude_bad_values_are_refused():
+    with pytest.raises(ValueError, match=r"bad \(colour, count\) pair 'purple2'"):
+        parse_combos("red3,purple2")
+    with pytest.raises(ValueError, match=r"cannot exclude \('red', 4\)"):
+        PhysicsConfig(exclude=(("red", 4),))
+    every = tuple((c, n) for c in COLOR_NAMES for n in (1, 2, 3))
+    with pytest.raises(ValueError, match="leaves no clip"):
+        PhysicsConfig(exclude=every)
+
+
+def test_tfds_with_exclusions_has_its_own_directory(tmp_path):
+    kw = dict(size=SIZE, frames=5, num_train=6, num_test=2)
+    sources = build_physics_dataset(str(tmp_path), exclude="red3, cyan1", **kw)
+    again = build_physics_dataset(str(tmp_path), exclude="cyan1,red3", **kw)  # same set, same dataset
+    assert [p.name for p in tmp_path.glob("physics_balls/s*")] == ["s32_f5_n6_t2_seed0_xcyan1-red3"]
+    assert again["train"][5]["video"].tobytes() == sources["train"][5]["video"].tobytes()
+    cfg = PhysicsConfig(size=SIZE, frames=5, exclude=(("cyan", 1), ("red", 3)))
+    seeds = set()
+    for i in range(6):  # records are stored in tfds' shuffled order; each carries its seed
+        rec = sources["train"][i]
+        seeds.add(int(rec["seed"]))
+        assert np.array_equal(rec["video"], simulate(int(rec["seed"]), cfg)["video"])
+    assert seeds == {example_seed(0, "train", i) for i in range(6)}
 
 
 # ----------------------------------------------------------------------------- grain

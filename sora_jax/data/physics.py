@@ -49,6 +49,9 @@ class PhysicsConfig:
     substeps: int = 4
     max_speed: float = 0.8  # frame sides / s, per axis, at t=0
     walls: bool = True  # False: balls fly out of the frame (PhyWorld's uniform-motion scenes)
+    # (colour, ball count) pairs `simulate` never draws: a clip with n balls of which one has an
+    # excluded (colour, n) is redrawn. Keeps the world-model benchmark's combinatorial split unseen.
+    exclude: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_balls <= self.max_balls <= len(PALETTE):
@@ -63,6 +66,13 @@ class PhysicsConfig:
             raise ValueError(
                 f"radius_range must satisfy 0 < lo <= hi < 0.25, got {self.radius_range}"
             )
+        for colour, count in self.exclude:
+            if colour not in COLOR_NAMES or not self.min_balls <= count <= self.max_balls:
+                raise ValueError(f"cannot exclude ({colour!r}, {count}): colours are {', '.join(COLOR_NAMES)} "
+                                 f"and counts {self.min_balls}..{self.max_balls}")
+        if not any(len(PALETTE) - sum(c == n for _, c in self.exclude) >= n
+                   for n in range(self.min_balls, self.max_balls + 1)):
+            raise ValueError(f"exclude={self.exclude} leaves no clip to draw; exclude fewer (colour, count) pairs")
 
 
 def _place_balls(
@@ -233,11 +243,32 @@ def parse_caption(caption: str | bytes) -> tuple[int, list[str]]:
     return NUMBER_WORDS.index(count_word), names
 
 
+def parse_combos(text: str) -> tuple[tuple[str, int], ...]:
+    """'red3,cyan1' -> (('red', 3), ('cyan', 1)): the `exclude` pairs as written in configs."""
+    pairs = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        m = re.fullmatch(r"([a-z]+)(\d+)", item)
+        if m is None or m.group(1) not in COLOR_NAMES:
+            raise ValueError(f"bad (colour, count) pair {item!r}; write e.g. 'red3,cyan1' with colours from "
+                             f"{', '.join(COLOR_NAMES)}")
+        pairs.append((m.group(1), int(m.group(2))))
+    return tuple(pairs)
+
+
+def format_combos(pairs) -> str:
+    """Inverse of `parse_combos`."""
+    return ",".join(f"{c}{n}" for c, n in pairs)
+
+
 def simulate(seed: int, cfg: PhysicsConfig = PhysicsConfig()) -> dict:
     """Simulates and renders one clip; deterministic in (seed, cfg)."""
     rng = np.random.default_rng(seed)
-    n = int(rng.integers(cfg.min_balls, cfg.max_balls + 1))
-    colors = rng.choice(len(PALETTE), size=n, replace=False).astype(np.int32)
+    excluded = set(cfg.exclude)
+    while True:  # no extra draws when nothing is excluded, so those datasets are unchanged
+        n = int(rng.integers(cfg.min_balls, cfg.max_balls + 1))
+        colors = rng.choice(len(PALETTE), size=n, replace=False).astype(np.int32)
+        if not any((COLOR_NAMES[c], n) in excluded for c in colors):
+            break
     radii = rng.uniform(*cfg.radius_range, size=n)
     pos0 = _place_balls(rng, radii)
     vel0 = rng.uniform(-cfg.max_speed, cfg.max_speed, size=(n, 2))

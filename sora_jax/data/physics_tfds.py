@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from sora_jax.data.physics import PhysicsConfig, simulate
+from sora_jax.data.physics import PhysicsConfig, format_combos, parse_combos, simulate
 
 _SPLIT_IDS = {"train": 0, "test": 1}
 # Example seeds are (seed * 2 + split_id) * _SEED_STRIDE + i: disjoint across splits and base
@@ -39,30 +39,37 @@ class PhysicsBallsConfig(tfds.core.BuilderConfig):
     num_train: int = 512
     num_test: int = 64
     seed: int = 0
+    exclude: str = ""  # (colour, count) pairs never drawn, e.g. "red3,cyan1" (`parse_combos`)
 
     @property
     def physics(self) -> PhysicsConfig:
         """The simulator config for this dataset."""
-        return PhysicsConfig(size=self.size, frames=self.frames)
+        return PhysicsConfig(size=self.size, frames=self.frames, exclude=parse_combos(self.exclude))
 
 
-def config_name(*, size: int, frames: int, num_train: int, num_test: int, seed: int) -> str:
-    """Directory-safe config name, e.g. 's64_f17_n512_t64_seed0'."""
-    return f"s{size}_f{frames}_n{num_train}_t{num_test}_seed{seed}"
+def config_name(*, size: int, frames: int, num_train: int, num_test: int, seed: int, exclude: str = "") -> str:
+    """Directory-safe config name, e.g. 's64_f17_n512_t64_seed0' or '..._seed0_xred3-cyan1'."""
+    name = f"s{size}_f{frames}_n{num_train}_t{num_test}_seed{seed}"
+    # No suffix without exclusions, so datasets built before the option keep their directories.
+    return name + ("_x" + format_combos(parse_combos(exclude)).replace(",", "-") if exclude else "")
 
 
 def make_config(
-    *, size: int = 64, frames: int = 17, num_train: int = 512, num_test: int = 64, seed: int = 0
+    *, size: int = 64, frames: int = 17, num_train: int = 512, num_test: int = 64, seed: int = 0,
+    exclude: str = "",
 ) -> PhysicsBallsConfig:
     """Returns the BuilderConfig for these settings (the predefined one when it matches)."""
-    name = config_name(size=size, frames=frames, num_train=num_train, num_test=num_test, seed=seed)
+    exclude = format_combos(sorted(set(parse_combos(exclude))))  # one directory per set of pairs
+    name = config_name(size=size, frames=frames, num_train=num_train, num_test=num_test, seed=seed,
+                       exclude=exclude)
     # tfds refuses a custom config that shares a name with a predefined one.
     for cfg in PhysicsBalls.BUILDER_CONFIGS:
         if cfg.name == name:
             return cfg
     return PhysicsBallsConfig(
-        name=name, size=size, frames=frames, num_train=num_train, num_test=num_test, seed=seed,
-        description=f"{size}x{size} px, {frames} frames, {num_train}/{num_test} train/test clips",
+        name=name, size=size, frames=frames, num_train=num_train, num_test=num_test, seed=seed, exclude=exclude,
+        description=f"{size}x{size} px, {frames} frames, {num_train}/{num_test} train/test clips"
+        + (f", never {exclude}" if exclude else ""),
     )
 
 
@@ -133,10 +140,11 @@ def build_physics_dataset(
     num_train: int = 512,
     num_test: int = 64,
     seed: int = 0,
+    exclude: str = "",
 ) -> dict:
     """Builds (or reuses) the dataset; returns {'train', 'test'} grain-compatible data sources."""
     builder = make_builder(
-        data_dir, size=size, frames=frames, num_train=num_train, num_test=num_test, seed=seed
+        data_dir, size=size, frames=frames, num_train=num_train, num_test=num_test, seed=seed, exclude=exclude
     )
     builder.download_and_prepare()
     sources = builder.as_data_source()

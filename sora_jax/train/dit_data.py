@@ -61,6 +61,8 @@ def cache_inputs(config: ml_collections.ConfigDict, split: str = "train") -> dic
         data = {"source": "physics", "size": d.size, "frames": d.frames, "num_train": d.num_train, "seed": d.seed}
         if split != "train":
             data.update(split=split, num_test=d.num_test)
+        if d.get("exclude", ""):  # only when set, so caches built before the option keep their keys
+            data.update(exclude=str(d.exclude))
     return {"data": data, "vae_workdir": str(Path(config.vae_workdir).absolute()),
             "vae_config": cache_key(vae_config.read_text()),
             "text_encoder": config.text.encoder_dir, "text_max_length": int(config.text.max_length)}
