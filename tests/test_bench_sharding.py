@@ -114,6 +114,12 @@ def test_tpu_topology_compile_fits_and_ooms():
     assert coll["unknown_trip_counts"] == 0
     roof = row["roofline"]
     assert roof["step_s"] >= roof["compute_s"] > 0 and 0 < roof["mfu"] <= 1
+    assert row["mosaic_calls"] == 0
+    # Splash (a Mosaic kernel, which GSPMD cannot partition) compiles sharded over batch and heads.
+    splash = bench_layout(workload, parse_layout("fsdp=2,tensor=2,rules=fsdp_tensor,remat=full,attention=splash"),
+                          target)
+    assert splash["status"] == "ok" and splash["fits"], splash
+    assert splash["mosaic_calls"] > 0
     # 16 GiB of v5e HBM cannot hold 64 clips of 81x480x832 latents' activations: an OOM row, with sizes.
     small = get_target("v5e-1")
     big = workload_from("dit:variant=tiny", [], "81x480x832", 8, None, "sample", small)

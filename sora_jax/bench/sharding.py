@@ -353,8 +353,11 @@ def bench_layout(workload: Workload, layout: Layout, target: Target, *, run_step
     row["bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
     row["model_flops"] = built["model_flops"] / target.num_devices
     slices = [int(getattr(d, "slice_index", 0) or 0) for d in built["mesh"].devices.flat]
-    stats = collective_stats(compiled.as_text(), slices)
+    hlo = compiled.as_text()
+    stats = collective_stats(hlo, slices)
     row["collectives"] = stats.to_json()
+    # Pallas TPU kernels (splash attention) in the program: XLA's cost analysis does not see inside them.
+    row["mosaic_calls"] = hlo.count('custom_call_target="tpu_custom_call"')
     if target.kind == "local" and target.chip.name == "cpu" and peak_flops is None:
         peak_flops = _measure_cpu_peak() * target.num_devices
     row["roofline"] = row_roofline(

@@ -483,16 +483,14 @@ def _splash(q: Array, k: Array, v: Array, mask: Array | None, opts: AttentionOpt
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return local(q, k, v, keep)
-    # GSPMD cannot partition a Pallas call, so map it over the batch (data, fsdp) and head (tensor)
-    # shards explicitly; the token axes stay whole on each device.
+    # GSPMD cannot partition a Mosaic (Pallas TPU) call, not even over an axis of size 1, so the
+    # kernel runs under a shard_map that is manual over every mesh axis: batch shards over data and
+    # fsdp, heads over tensor, and replicated over the rest (the token axes stay whole per device).
     batch = _mesh_axes_dividing(mesh, ("data", "fsdp"), q.shape[0]) or None
     heads = _mesh_axes_dividing(mesh, ("tensor",), q.shape[2]) or None
-    if batch is None and heads is None:
-        return local(q, k, v, keep)
     tokens, keys = P(batch, None, heads, None), P(batch, None)
-    manual = set(batch or ()) | set(heads or ())
     return jax.shard_map(
-        local, in_specs=(tokens, tokens, tokens, keys), out_specs=tokens, axis_names=manual,
+        local, in_specs=(tokens, tokens, tokens, keys), out_specs=tokens, axis_names=set(mesh.axis_names),
         check_vma=False,
     )(q, k, v, keep)
 
