@@ -82,6 +82,33 @@ def test_train_step_keeps_params_and_optimizer_state_sharded(fsdp_dit):
     assert any(jax.tree.leaves(changed)), "the step did not update any parameter"
 
 
+def test_padded_video_cells_reach_neither_loss_nor_gradients():
+    """A batch of clips padded to one latent grid (video_mask) trains as if the padding were absent."""
+    mesh, rules, model, config, state, _ = _dit_setup({"data": 2, "fsdp": 4}, seed=1)
+    step = jax.jit(make_dit_step(model, config.diffusion))
+    r = np.random.default_rng(3)
+    real = np.ones((8, *GRID), bool)
+    real[1::2, -1] = False  # odd examples are one latent frame shorter
+    real[2, :, :, 2:] = False  # example 2 is narrower (one token column)
+    latents = r.standard_normal((8, *GRID, CH)).astype(np.float32)
+    zeros = np.where(real[..., None], latents, 0.0).astype(np.float32)
+    junk = np.where(real[..., None], latents, 50.0 * r.standard_normal(latents.shape)).astype(np.float32)
+    text = {"text": r.standard_normal((8, TEXT_LEN, TEXT_DIM)).astype(np.float32),
+            "text_mask": np.ones((8, TEXT_LEN), bool)}
+
+    def run(x, mask):
+        batch = dict(text, latents=x) | ({} if mask is None else {"video_mask": mask})
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            new, metrics = step(state, global_batch(mesh, batch), jax.random.key(1))
+        return float(metrics["loss"]), float(metrics["grad_norm"]), jax.device_get(new.params)
+
+    masked_zero, masked_junk = run(zeros, real), run(junk, real)
+    np.testing.assert_allclose(masked_zero[:2], masked_junk[:2], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), masked_zero[2], masked_junk[2])
+    # Without the mask the padded content is seen: the check can fail.
+    assert abs(run(zeros, None)[0] - run(junk, None)[0]) > 1e-2
+
+
 def test_checkpoint_round_trip_onto_another_mesh(tmp_path, fsdp_dit):
     mesh, rules, model, config, _, _ = fsdp_dit
     _, _, _, _, state, _ = _dit_setup({"data": 2, "fsdp": 4}, seed=3)

@@ -71,8 +71,21 @@ def objective_for_grid(diff_cfg: ml_collections.ConfigDict, grid: tuple[int, ...
     return objective
 
 
+def token_mask(real: jax.Array, patch: tuple[int, int, int]) -> jax.Array:
+    """[B, T', H', W'] real-latent-cell mask -> [B, T'/pt, H'/ph, W'/pw] token mask (a token with any real cell)."""
+    b, t, h, w = real.shape
+    pt, ph, pw = patch
+    cells = real.astype(bool).reshape(b, t // pt, pt, h // ph, ph, w // pw, pw)
+    return cells.any(axis=(2, 4, 6))
+
+
 def make_dit_step(model: DiT, diff_cfg: ml_collections.ConfigDict, grad_accum: int = 1):
-    """The (state, batch, rng) -> (state, metrics) function of one flow-matching or DDPM update."""
+    """The (state, batch, rng) -> (state, metrics) function of one flow-matching or DDPM update.
+
+    batch: latents [B, T', H', W', C], text [B, L, D], text_mask [B, L], and optionally video_mask
+    [B, T', H', W'] (True = a real latent cell) for clips padded to a common shape: padded tokens are
+    dropped as attention keys and padded cells are left out of the loss.
+    """
     by_resolution = bool(diff_cfg.get("shift_by_resolution", False))
     objective = objective_from(diff_cfg)
     p_drop = float(diff_cfg.text_dropout)
@@ -99,8 +112,14 @@ def make_dit_step(model: DiT, diff_cfg: ml_collections.ConfigDict, grad_accum: i
         if given is not None:
             # Conditioning cells are seen clean (noise level 0 there), as the sampler holds them, and not scored.
             x_t = jnp.where(given > 0, x0, x_t)
-        pred = model.apply(params, x_t, obj.model_time(time), text, mask)
-        loss = obj.loss(pred, x0, noise, time, given=given).mean()
+        skip, extra = given, {}
+        if "video_mask" in batch:
+            real = batch["video_mask"]
+            extra["video_mask"] = token_mask(real, model.cfg.patch_size)
+            pad = 1.0 - real.astype(x0.dtype)[..., None]  # [B, T', H', W', 1], 1 = padding
+            skip = pad if given is None else jnp.maximum(given, pad)
+        pred = model.apply(params, x_t, obj.model_time(time), text, mask, **extra)
+        loss = obj.loss(pred, x0, noise, time, given=skip).mean()
         return loss, {"loss": loss}
 
     def step(state: TrainState, batch: dict, rng: jax.Array):
