@@ -70,7 +70,7 @@ class PhysicsConfig:
             if colour not in COLOR_NAMES or not self.min_balls <= count <= self.max_balls:
                 raise ValueError(f"cannot exclude ({colour!r}, {count}): colours are {', '.join(COLOR_NAMES)} "
                                  f"and counts {self.min_balls}..{self.max_balls}")
-        if not any(len(PALETTE) - sum(c == n for _, c in self.exclude) >= n
+        if not any(len(PALETTE) - sum(c == n for _, c in set(self.exclude)) >= n
                    for n in range(self.min_balls, self.max_balls + 1)):
             raise ValueError(f"exclude={self.exclude} leaves no clip to draw; exclude fewer (colour, count) pairs")
 

@@ -48,10 +48,13 @@ class PhysicsBallsConfig(tfds.core.BuilderConfig):
 
 
 def config_name(*, size: int, frames: int, num_train: int, num_test: int, seed: int, exclude: str = "") -> str:
-    """Directory-safe config name, e.g. 's64_f17_n512_t64_seed0' or '..._seed0_xred3-cyan1'."""
+    """Directory-safe config name, e.g. 's64_f17_n512_t64_seed0' or '..._seed0_xcyan1-red3'.
+
+    `exclude` as `make_config` canonicalises it; no suffix without exclusions, so datasets built
+    before the option keep their directories.
+    """
     name = f"s{size}_f{frames}_n{num_train}_t{num_test}_seed{seed}"
-    # No suffix without exclusions, so datasets built before the option keep their directories.
-    return name + ("_x" + format_combos(parse_combos(exclude)).replace(",", "-") if exclude else "")
+    return name + ("_x" + exclude.replace(",", "-") if exclude else "")
 
 
 def make_config(
