@@ -12,7 +12,7 @@ from sora_jax.eval import physics_baselines as baselines
 from sora_jax.eval.physics_bench import latent_aligned
 from sora_jax.eval.physics_metrics import clip_metrics, parse_video, text_metrics
 from sora_jax.eval.physics_scenes import HELD_OUT_COMBOS, SceneSpec, make_scene, make_scenes
-from sora_jax.eval.phyworld import PAPER_FLOOR, PhyWorldSpec, parse_floor
+from sora_jax.eval.phyworld import PAPER_FLOOR, PhyWorldSpec, initial_state, kang_floor, parse_floor, parse_kang
 
 K = 5
 
@@ -138,6 +138,22 @@ def test_phyworld_floor_is_below_theirs_and_coverage_beats_hard_mask():
     cov, hard = parse_floor(spec, weighted=True), parse_floor(spec, weighted=False)
     assert cov["mean_frames_used"] > 6
     assert cov["velocity_error"] < hard["velocity_error"] < 5 * PAPER_FLOOR
+
+
+def test_kang_replay_reproduces_their_floor_and_the_grid_mismatch_explains_it():
+    spec = PhyWorldSpec(scenes=8, size=256)
+    theirs, matched = kang_floor(spec, "paper"), kang_floor(spec, "matched")
+    # Their 10/W parse of a grid drawn at i/(W-1) reads every speed (W-1)/W too slow ...
+    assert abs(theirs["mean_speed_ratio"] - 255 / 256) < 2e-4
+    mean_v0 = np.mean([initial_state(spec, i)[0] for i in range(spec.scenes)])
+    assert abs(theirs["velocity_error"] - mean_v0 / 256) < 0.1 * mean_v0 / 256
+    # ... which lands on their published ground-truth figure; matching the scale removes >90% of it.
+    assert 0.75 * PAPER_FLOOR < theirs["velocity_error"] < 1.25 * PAPER_FLOOR
+    assert matched["velocity_error"] < 0.1 * theirs["velocity_error"]
+    assert abs(matched["mean_speed_ratio"] - 1.0) < 2e-4
+    assert theirs["mean_frames_used"] > 10
+    with pytest.raises(ValueError, match="pixel_grid"):
+        parse_kang(np.zeros((1, 8, 8, 3), np.uint8), "centre")
 
 
 def test_cli_eval_physics_on_tiny_checkpoint(tiny_runs, tmp_path, capsys):

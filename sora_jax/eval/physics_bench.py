@@ -193,10 +193,12 @@ def run_benchmark(cfg: BenchConfig, predictors: dict[str, Predictor] | None = No
         rows = text_protocol(make_scenes(spec), generate)
         report["text"] = {m: summarize(_group(rows, method=m)) for m in dict.fromkeys(r["method"] for r in rows)}
     if cfg.phyworld_scenes > 0:
+        spec = phyworld.PhyWorldSpec(cfg.phyworld_scenes, cfg.phyworld_size, seed=cfg.seed)
         report["phyworld_floor"] = {
-            parse: phyworld.parse_floor(phyworld.PhyWorldSpec(cfg.phyworld_scenes, cfg.phyworld_size, seed=cfg.seed),
-                                        weighted=parse == "coverage")
-            for parse in ("coverage", "hard_mask")}
+            "kang": phyworld.kang_floor(spec, "paper"),
+            "kang_matched_grid": phyworld.kang_floor(spec, "matched"),
+            "coverage": phyworld.parse_floor(spec, weighted=True),
+            "hard_mask": phyworld.parse_floor(spec, weighted=False)}
     return report
 
 
