@@ -98,14 +98,23 @@ def _tiled(
     x: jax.Array, fn: Callable[[jax.Array], jax.Array], tile: int, stride: int, out_tile: int, out_stride: int,
     out_hw: tuple[int, int],
 ) -> jax.Array:
-    """Apply fn to overlapping tiles of x [B, T, H, W, C] and blend; a tile maps to out_tile pixels."""
+    """Apply fn to overlapping tiles of x [B, T, H, W, C] and blend; a tile maps to out_tile pixels.
+
+    Tiles of one shape run through a single `lax.map`: the model is traced and compiled once per
+    distinct tile shape (at most four: full, short last row, short last column, corner) instead of
+    once per tile, and tiles still run one after another, so memory stays that of one tile.
+    """
     height, width = x.shape[2:4]
-    rows = []
-    for i in range(0, height, stride):
-        row = []
-        for j in range(0, width, stride):
-            row.append(fn(x[:, :, i : i + tile, j : j + tile]))
-        rows.append(row)
+    starts = [(i, j) for i in range(0, height, stride) for j in range(0, width, stride)]
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for i, j in starts:
+        groups.setdefault((min(tile, height - i), min(tile, width - j)), []).append((i, j))
+    done = {}
+    for (th, tw), where in groups.items():
+        tiles = jnp.stack([x[:, :, i : i + th, j : j + tw] for i, j in where])  # [n, B, T, th, tw, C]
+        outs = fn(tiles[0])[None] if len(where) == 1 else lax.map(fn, tiles)
+        done.update({ij: outs[k] for k, ij in enumerate(where)})
+    rows = [[done[(i, j)] for j in range(0, width, stride)] for i in range(0, height, stride)]
     blend, keep = out_tile - out_stride, out_stride
     # Blending order matters (diffusers blends in place): a tile takes the already-blended tile
     # above, then the already-blended tile to its left.
