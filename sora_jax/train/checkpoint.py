@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -44,8 +45,32 @@ def _replace(target: TrainState, arrays: dict[str, Any]) -> TrainState:
     })
 
 
+# Orbax writes a replicated array "replica-parallel": one slice per replica, each copied to the
+# host on its own. Within one process that is N transfers instead of one, and for small arrays the
+# per-transfer cost dominates: a 480-array replicated state on 8 CPU devices saved in 3.8 s with
+# it and 1.2 s without. Slices under 1 MiB are written from one replica; large arrays on
+# multi-host pods keep the parallel write.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+@functools.cache
+def _register_array_handler() -> None:
+    """Once per process: Orbax's jax.Array handler with the replica-parallel threshold above."""
+    from orbax.checkpoint._src.metadata import array_metadata_store  # as Orbax's default handler
+
+    ocp.type_handlers.register_type_handler(
+        jax.Array,
+        ocp.type_handlers.ArrayHandler(
+            array_metadata_store=array_metadata_store.Store(),
+            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
+        ),
+        override=True,
+    )
+
+
 def make_manager(directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
     """A CheckpointManager keeping the newest `keep` steps, saving asynchronously."""
+    _register_array_handler()
     path = Path(directory).absolute()
     return ocp.CheckpointManager(
         path,
