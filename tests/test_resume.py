@@ -98,6 +98,9 @@ def test_keeps_last_n_and_saves_asynchronously(tmp_path):
     assert manager.all_steps() == [3, 4]
     # The train loop overlaps saving with the next steps only through an async checkpointer.
     assert isinstance(manager._checkpointer, ocp.AsyncCheckpointer)
+    # Replicated arrays under 1 MiB are written from one replica, not one slice per device.
+    handler = ocp.type_handlers.get_type_handler(jax.Array)
+    assert handler._min_slice_bytes_for_replica_parallel == checkpoint.MIN_REPLICA_SLICE_BYTES
     manager.close()
 
 
