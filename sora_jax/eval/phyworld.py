@@ -150,12 +150,16 @@ def kang_floor(spec: PhyWorldSpec, pixel_grid: str = "paper") -> dict:
         v_hat = np.diff(x).mean() / DT
         errors.append(abs(v_hat - scene["v0"]))
         bias.append(v_hat / scene["v0"] if scene["v0"] > 0 else np.nan)
-    errors = np.asarray(errors)
-    return {"velocity_error": float(np.nanmean(errors)), "median": float(np.nanmedian(errors)),
-            "scenes": spec.scenes, "mean_frames_used": float(np.mean(used)), "size": spec.size,
-            "frames": spec.frames, "split": spec.split, "render": "kang", "parse": f"kang_{pixel_grid}",
-            "mean_speed_ratio": float(np.nanmean(bias)) if bias else float("nan"),
-            "paper_floor": PAPER_FLOOR, "ratio_to_paper": float(np.nanmean(errors) / PAPER_FLOOR)}
+    return _summary(spec, errors, used, render="kang", parse=f"kang_{pixel_grid}",
+                    mean_speed_ratio=float(np.nanmean(bias)) if bias else float("nan"))
+
+
+def _summary(spec: PhyWorldSpec, errors: list[float], used: list[int], **extra) -> dict:
+    """Per-scene velocity errors and frames used -> the floor's report entry."""
+    mean = float(np.nanmean(errors))
+    return {"velocity_error": mean, "median": float(np.nanmedian(errors)), "scenes": spec.scenes,
+            "mean_frames_used": float(np.mean(used)), "size": spec.size, "frames": spec.frames,
+            "split": spec.split, **extra, "paper_floor": PAPER_FLOOR, "ratio_to_paper": mean / PAPER_FLOOR}
 
 
 def track_x(
@@ -197,9 +201,4 @@ def parse_floor(spec: PhyWorldSpec, first_frame: int = 0, weighted: bool = True)
         errors.append(velocity_error(xs, scene["positions"][:, 0, 0], ok,
                                      px_per_unit=spec.size / WORLD, dt=DT))
         used.append(int(ok.sum()))
-    errors = np.asarray(errors)
-    return {"velocity_error": float(np.nanmean(errors)), "median": float(np.nanmedian(errors)),
-            "scenes": spec.scenes, "mean_frames_used": float(np.mean(used)), "size": spec.size,
-            "frames": spec.frames, "split": spec.split, "render": "ours",
-            "parse": "coverage" if weighted else "hard_mask", "paper_floor": PAPER_FLOOR,
-            "ratio_to_paper": float(np.nanmean(errors) / PAPER_FLOOR)}
+    return _summary(spec, errors, used, render="ours", parse="coverage" if weighted else "hard_mask")
