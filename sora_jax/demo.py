@@ -42,6 +42,10 @@ def demo_configs(outdir: Path, minutes: float, *, progress: bool = True) -> tupl
     vae.workdir, dit.workdir = str(outdir / "vae"), str(outdir / "dit")
     dit.vae_workdir = vae.workdir
     vae.data.batch_size, vae.data.crop_size = 4, 32
+    # 5-frame crops, not the whole clips configs/vae.py trains on: a step costs ~1/4 (the 64-px
+    # quality runs did ~1 vs ~0.25 steps/s), so the budget's few hundred steps stay a few hundred.
+    # The price is weaker late latent frames (docs/benchmarks.md, VAE quality).
+    vae.data.crop_frames = 5
     # Step caps sized for ~12 minutes on 2 CPU cores; the time budget stops earlier on slower
     # machines, the caps stop earlier on faster ones.
     vae.train.steps = max(20, int(1000 * scale))

@@ -148,6 +148,9 @@ def test_tiny_runs_trained_and_resume(tiny_runs, tmp_path):
     assert vae["step"] == 2 and dit["step"] == 2
     assert np.isfinite(vae["final"]["loss"]) and np.isfinite(dit["final"]["loss"])
     assert np.isfinite(vae["psnr"])
+    # 5 frames = latent frames {0} and {1..4}: their MSEs, weighted by frame count, give the clip's.
+    mse = [4 * 10 ** (-p / 10) for p in vae["psnr_by_latent_frame"]]
+    assert len(mse) == 2 and (mse[0] + 4 * mse[1]) / 5 == pytest.approx(4 * 10 ** (-vae["psnr"] / 10), rel=1e-4)
     # The VAE's periodic hooks ran at step 2: held-out losses, and originals over reconstructions.
     assert [r["step"] for r in vae["eval_history"]] == [2]
     assert np.isfinite(vae["eval_history"][0]["eval/loss"]) and vae["eval_history"][0]["eval/mse"] > 0

@@ -247,3 +247,15 @@ def test_parse_error_small_on_truth_and_grows_with_a_shift():
     assert c["spurious"] == cfg.frames and c["misses"] == 0
     with pytest.raises(ValueError, match="positions"):
         centroid_errors(ex["video"], ex["positions"][:, :1, 0], ex["colors"])
+
+
+def test_latent_frame_slices_follow_the_causal_vae_grouping():
+    from sora_jax.models.vae import VAEConfig
+    from sora_jax.train.vae_trainer import latent_frame_slices
+
+    cfg = VAEConfig.tiny()
+    for frames in (1, 5, 17):
+        slices = latent_frame_slices(frames, cfg.temporal_factor)
+        assert len(slices) == cfg.latent_shape(frames, 16, 16)[0]
+        assert [i for s in slices for i in range(frames)[s]] == list(range(frames))
+    assert latent_frame_slices(9, 4) == [slice(0, 1), slice(1, 5), slice(5, 9)]

@@ -229,7 +229,8 @@ def train_vae(config: ml_collections.ConfigDict) -> dict[str, Any]:
     workdir = Path(config.workdir).absolute()
     mesh, rules = mesh_and_rules(config)
     vae_cfg = vae_config_from(config)
-    frames, crop = int(config.data.crop_frames), int(config.data.crop_size)
+    frames = int(config.data.crop_frames) or int(config.data.frames)  # 0: whole clips
+    crop = int(config.data.crop_size)
     validate_video_shape(vae_cfg, frames, crop, crop)
     validate_video_shape(vae_cfg, config.data.frames, config.data.size, config.data.size)
     if float(config.loss.adv) > 0:
@@ -296,16 +297,22 @@ def load_vae(workdir: str | Path) -> tuple[CausalVAE, Any]:
     return model, checkpoint.restore_params(workdir / "ckpt", on_one_device(abstract))
 
 
+def latent_frame_slices(frames: int, temporal_factor: int) -> list[slice]:
+    """The pixel frames each latent frame encodes: frame 0 alone, then temporal_factor at a time."""
+    return [slice(0, 1)] + [slice(s, s + temporal_factor) for s in range(1, frames, temporal_factor)]
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _reconstruct(model: CausalVAE, params, video):
     mean, _ = model.apply(params, video, method=CausalVAE.encode)
     return model.apply(params, mean, method=CausalVAE.decode)
 
 
-def evaluate_vae(model: CausalVAE, params, source, num_clips: int) -> dict[str, float]:
+def evaluate_vae(model: CausalVAE, params, source, num_clips: int) -> dict[str, Any]:
     """Held-out reconstruction metrics of whole clips through encode(mean) -> decode.
 
-    psnr (dB) over [-1, 1] pixels and the standard ssim (of [0, 1] intensities); when the source stores the simulator state, the
+    psnr (dB) over [-1, 1] pixels, also per latent frame (psnr_by_latent_frame), and the standard
+    ssim (of [0, 1] intensities); when the source stores the simulator state, the
     ball-centroid parse error (px) of the reconstructions and, as its floor, of the true clips:
     parse_error_px / parse_error_true_px is the issue's "<= 1.5x ground truth" ratio.
     """
@@ -316,8 +323,13 @@ def evaluate_vae(model: CausalVAE, params, source, num_clips: int) -> dict[str, 
     ).astype(np.float32)
     # SSIM's 11-pixel window needs frames at least that large (data.size may be 8).
     fits = min(clips.shape[2:4]) >= 11
+    tf = model.cfg.temporal_factor
     out = {"psnr": float(psnr(recon, clips)),
-           "ssim": ssim(recon, clips, data_range=2.0, min_value=-1.0) if fits else float("nan")}
+           "ssim": ssim(recon, clips, data_range=2.0, min_value=-1.0) if fits else float("nan"),
+           # Causal padding makes quality depend on the latent frame's index; a model that never
+           # saw late latent frames in training shows it here and not in the mean.
+           "psnr_by_latent_frame": [float(psnr(recon[:, f], clips[:, f]))
+                                    for f in latent_frame_slices(clips.shape[1], tf)]}
     if "positions" in batch and "colors" in batch:
         rec = parse_error(recon, batch["positions"], batch["colors"])
         true = parse_error(clips, batch["positions"], batch["colors"])
