@@ -29,11 +29,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dict(VARIANTS[a.variant], temporal_downsample=(False, True, True), dropout=0.0)
     )
     c.data = common.data_config(runlocal=a.runlocal)
-    # Convs are translation-equivariant in space, so 32-px crops train the same weights as whole
-    # frames more cheaply. Not in time: the causal zero padding and the first frame's latent of
-    # its own make each latent frame's context depend on its index, and a VAE trained on 5-frame
-    # crops (2 latent frames) reconstructed latent frames 2-4 of 17-frame clips ~3.5 dB worse
-    # than 0-1 (docs/benchmarks.md). 0 trains on whole clips (data.frames); 4k+1 crops in time.
+    # Spatial crops are cheap and lose little: weights trained on 32-px crops reconstruct 64-px
+    # frames at the crops' own level. Temporal crops are not: the causal zero padding and the first
+    # frame's latent of its own make each latent frame's context depend on its index, and a VAE
+    # trained on 5-frame crops (2 latent frames) reconstructed latent frames 2-4 of 17-frame clips
+    # ~4.5 dB worse than 0-1 (docs/benchmarks.md). 0 trains on whole clips (data.frames); else 4k+1.
     c.data.crop_frames = 0
     c.data.crop_size = 32
     c.data.batch_size = 8
