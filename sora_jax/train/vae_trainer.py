@@ -323,13 +323,12 @@ def evaluate_vae(model: CausalVAE, params, source, num_clips: int) -> dict[str, 
     ).astype(np.float32)
     # SSIM's 11-pixel window needs frames at least that large (data.size may be 8).
     fits = min(clips.shape[2:4]) >= 11
-    tf = model.cfg.temporal_factor
     out = {"psnr": float(psnr(recon, clips)),
            "ssim": ssim(recon, clips, data_range=2.0, min_value=-1.0) if fits else float("nan"),
            # Causal padding makes quality depend on the latent frame's index; a model that never
            # saw late latent frames in training shows it here and not in the mean.
            "psnr_by_latent_frame": [float(psnr(recon[:, f], clips[:, f]))
-                                    for f in latent_frame_slices(clips.shape[1], tf)]}
+                                    for f in latent_frame_slices(clips.shape[1], model.cfg.temporal_factor)]}
     if "positions" in batch and "colors" in batch:
         rec = parse_error(recon, batch["positions"], batch["colors"])
         true = parse_error(clips, batch["positions"], batch["colors"])
