@@ -1,4 +1,4 @@
-"""GFLOP/s of one causal 3x3x3 conv: JAX 3D conv, JAX sum over time taps of 2D convs, torch conv3d.
+"""GFLOP/s of one causal 3x3x3 conv: JAX 3D conv, JAX sum of 2D convs, JAX Winograd, torch conv3d.
 
 Each LAYER is BATCHxFRAMESxSIZE:CHANNELS (output frames; channels in = out). Prints a markdown
 table and writes JSON.
@@ -31,9 +31,9 @@ def main() -> None:
     p.add_argument("--out", default="bench_conv_layer.json")
     a = p.parse_args()
     layers = [_layer(t, a.repeats) for t in a.layers]
-    print("| layer (out B x T x H x W, C in->out) | JAX 3D conv GFLOP/s | JAX sum_time GFLOP/s | torch conv3d GFLOP/s "
-          "(backend) | load |")
-    print("|---|---|---|---|---|")
+    print("| layer (out B x T x H x W, C in->out) | JAX 3D conv GFLOP/s | JAX sum_time GFLOP/s | JAX Winograd GFLOP/s "
+          "| torch conv3d GFLOP/s (backend) | load |")
+    print("|---|---|---|---|---|---|")
     results = []
     for layer in layers:
         results.append(run_layer(layer))

@@ -72,7 +72,9 @@ def test_conv_layer_bench_smoke():
 
     r = run_layer(ConvLayer(batch=1, frames=2, size=8, channels_in=4, channels_out=4, repeats=1))
     json.dumps(r)  # the script writes it as JSON
-    assert set(r["gflops"]) == {"jax_xla_3d", "jax_sum_time", "torch_conv3d"} and min(r["gflops"].values()) > 0
+    assert set(r["gflops"]) == {"jax_xla_3d", "jax_sum_time", "jax_winograd", "torch_conv3d"}
+    assert min(r["gflops"].values()) > 0
     a = r["agreement_max_abs_diff"]
     assert a["sum_time"] < 1e-4 and a["torch"] < 1e-4 and a["ref_max_abs"] > 1e-2  # the same conv, not zeros
+    assert a["winograd"] < 1e-4
     assert r["torch_backend"] and format_row(r).startswith("| 1x2x8x8, 4->4 |")

@@ -15,7 +15,7 @@ from sora_jax.parallel.mesh import batch_sharding, global_batch, make_mesh
 from sora_jax.parallel.rules import get_rules
 from sora_jax.train import checkpoint
 from sora_jax.diffusion import flow
-from sora_jax.train.dit_trainer import make_dit_step, objective_from
+from sora_jax.train.dit_trainer import make_dit_step, objective_from, token_mask
 from sora_jax.train.state import TrainState, create_sharded_state, make_optimizer
 
 GRID, TEXT_LEN, TEXT_DIM, CH = (2, 4, 4), 6, 32, 4
@@ -110,6 +110,15 @@ def test_padded_video_cells_reach_neither_loss_nor_gradients():
     moved = zeros.copy()
     moved[2, 0, 0, 0] += 5.0
     assert abs(run(moved, real)[0] - masked_zero[0]) > 1e-4
+
+
+def test_token_mask_keeps_tokens_with_any_real_cell_and_rejects_a_grid_the_patch_does_not_divide():
+    real = np.zeros((1, 2, 4, 4), bool)
+    real[0, 0, :3, :1] = True  # rows 0-2 of column 0 in latent frame 0
+    np.testing.assert_array_equal(np.asarray(token_mask(real, (1, 2, 2)))[0, 0], [[True, False], [True, False]])
+    assert not np.asarray(token_mask(real, (1, 2, 2)))[0, 1].any()
+    with pytest.raises(ValueError, match=r"video_mask grid \(2, 4, 5\) is not divisible by the DiT patch"):
+        token_mask(np.ones((1, 2, 4, 5), bool), (1, 2, 2))
 
 
 def test_checkpoint_round_trip_onto_another_mesh(tmp_path, fsdp_dit):

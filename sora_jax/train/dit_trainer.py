@@ -75,6 +75,9 @@ def token_mask(real: jax.Array, patch: tuple[int, int, int]) -> jax.Array:
     """[B, T', H', W'] real-latent-cell mask -> [B, T'/pt, H'/ph, W'/pw] token mask (a token with any real cell)."""
     b, t, h, w = real.shape
     pt, ph, pw = patch
+    if t % pt or h % ph or w % pw:
+        raise ValueError(f"video_mask grid {(t, h, w)} is not divisible by the DiT patch {patch}; "
+                         "pad clips to a latent grid that is a multiple of the patch")
     cells = real.astype(bool).reshape(b, t // pt, pt, h // ph, ph, w // pw, pw)
     return cells.any(axis=(2, 4, 6))
 
