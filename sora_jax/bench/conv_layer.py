@@ -1,4 +1,4 @@
-"""One causal 3x3x3 VAE conv layer, timed three ways on the same CPU: the per-layer view of bench_vae.
+"""One causal 3x3x3 VAE conv layer, timed four ways on the same CPU: the per-layer view of bench_vae.
 
 JAX as one 3D convolution (`VAEConfig.conv_impl="xla"`), JAX as per-frame 2D convs summed over the
 time taps (`vae_blocks.conv3d_sum_time`, the CPU default), JAX as Winograd F(2x2, 3x3) (a prototype
