@@ -1,10 +1,11 @@
 """Train the reference world model of `sora-jax eval-physics` (VAE + frame-conditioned DiT on physics_balls).
 
-    python scripts/train_reference.py --outdir runs_ref --minutes 50      # documented 2-core CPU budget
+    python scripts/train_reference.py --outdir runs_ref --minutes 90      # documented 2-core CPU budget
     sora-jax eval-physics --checkpoint runs_ref/dit --out runs_ref/bench  # its benchmark table
 
-Rerunning the same command resumes both stages from their checkpoints. On an accelerator give more
---minutes (step caps: configs/physics_reference.py).
+Rerunning the same command resumes both stages from their checkpoints. Step counts default to what
+fits --minutes on 2 CPU cores (rates in configs/physics_reference.py); on an accelerator pass
+--vae-steps / --dit-steps and a --minutes large enough not to stop them.
 """
 
 import argparse
@@ -19,12 +20,15 @@ from sora_jax.train.vae_trainer import train_vae
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--outdir", default="runs_ref")
-    p.add_argument("--minutes", type=float, default=50.0, help="total wall-time budget (VAE + DiT)")
+    p.add_argument("--minutes", type=float, default=90.0, help="total wall-time budget (VAE + DiT)")
     p.add_argument("--num-train", type=int, default=512, help="training clips")
     p.add_argument("--variant", default="tiny", help="VAE/DiT variant (tiny on CPU; S/B on an accelerator)")
+    p.add_argument("--vae-steps", type=int, default=None, help="VAE steps (default: sized from --minutes)")
+    p.add_argument("--dit-steps", type=int, default=None, help="DiT steps (default: sized from --minutes)")
     a = p.parse_args()
     try:
-        vae_cfg, dit_cfg = reference_configs(a.outdir, a.minutes, num_train=a.num_train, variant=a.variant)
+        vae_cfg, dit_cfg = reference_configs(a.outdir, a.minutes, num_train=a.num_train, variant=a.variant,
+                                             vae_steps=a.vae_steps, dit_steps=a.dit_steps)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     t0 = time.perf_counter()

@@ -1,0 +1,31 @@
+"""configs/physics_reference: the reference world model's VAE/DiT configs and their step sizing."""
+
+from __future__ import annotations
+
+import pytest
+
+from configs.physics_reference import DIT_SHARE, DIT_STEPS_PER_MIN, VAE_SHARE, VAE_STEPS_PER_MIN, reference_configs
+from sora_jax.train.vae_trainer import vae_config_from
+
+
+def test_reference_vae_is_4x4x4_and_steps_follow_the_budget(tmp_path):
+    vae, dit = reference_configs(tmp_path, 90)
+    cfg = vae_config_from(vae)
+    assert (cfg.temporal_factor, cfg.spatial_factor) == (4, 4)
+    assert dit.vae_workdir == vae.workdir and dit.vae_workdir.startswith(str(tmp_path))
+    # The benchmark's combinatorial split stays out of both stages' data.
+    assert vae.data.exclude == dit.data.exclude and "red3" in vae.data.exclude
+    assert vae.train.steps == int(VAE_STEPS_PER_MIN * VAE_SHARE * 90)
+    assert dit.train.steps == int(DIT_STEPS_PER_MIN * DIT_SHARE * 90)
+    longer, _ = reference_configs(tmp_path, 180)
+    assert longer.train.steps > vae.train.steps
+    assert vae.train.max_minutes == pytest.approx(VAE_SHARE * 90)
+
+
+def test_reference_explicit_steps_and_bad_input(tmp_path):
+    vae, dit = reference_configs(tmp_path, 10, vae_steps=20_000, dit_steps=40_000)
+    assert (vae.train.steps, dit.train.steps) == (20_000, 40_000)
+    with pytest.raises(ValueError, match="minutes must be > 0"):
+        reference_configs(tmp_path, 0)
+    with pytest.raises(ValueError, match="dit_steps must be >= 1"):
+        reference_configs(tmp_path, 10, dit_steps=0)
