@@ -57,8 +57,9 @@ def reference_configs(
     vae.data.batch_size, vae.data.crop_size = 4, 32
     # 4x spatial compression instead of the variant's 8x: balls of radius 3-9 px survive a 16x16
     # latent far better than an 8x8 one. In a 2-core A/B (512 clips, batch 4, whole clips, 22 min
-    # each: 460 and 420 steps) 4x4x4 reached 18.9 dB held-out with balls parsed (2.1 px) while 4x8x8 sat on the
-    # background plateau (16.2 dB, no ball parsed); the DiT then sees 4x the tokens (320 at 1x2x2).
+    # each: 460 and 420 steps) 4x4x4 reached 18.9 dB held-out with balls parsed (2.1 px) while
+    # 4x8x8 sat on the background plateau (16.2 dB, no ball parsed). The DiT then sees 4x the
+    # tokens (320 at 1x2x2); docs/benchmarks.md has the A/B and the reference run.
     vae.model.dim_mult = (1, 2, 4)
     vae.model.temporal_downsample = (True, True)
     vae.train.steps = vae_steps or max(50, int(VAE_STEPS_PER_MIN * VAE_SHARE * minutes))

@@ -40,7 +40,8 @@ def main() -> None:
     t2 = time.perf_counter()
     summary = {"minutes_budget": a.minutes, "vae_steps": vae["step"], "vae_psnr_db": vae["psnr"],
                "vae_ssim": vae["ssim"], "vae_psnr_by_latent_frame": vae["psnr_by_latent_frame"],
-               "vae_parse_error_px": vae.get("parse_error_px"), "vae_parse_miss_rate": vae.get("parse_miss_rate"),
+               "vae_parse_error_px": vae.get("parse_error_px"),
+               "vae_parse_miss_rate": vae.get("parse_miss_rate"),
                "vae_parse_spurious_per_frame": vae.get("parse_spurious_per_frame"), "dit_steps": dit["step"],
                "dit_final_loss": dit["final"].get("loss"), "vae_s": t1 - t0, "dit_s": t2 - t1}
     print(json.dumps(summary, default=float), flush=True)

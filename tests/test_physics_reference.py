@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from configs.physics_reference import DIT_SHARE, DIT_STEPS_PER_MIN, VAE_SHARE, VAE_STEPS_PER_MIN, reference_configs
+from configs.physics_reference import (DIT_SHARE, DIT_STEPS_PER_MIN, VAE_SHARE, VAE_STEPS_PER_MIN,
+                                       reference_configs)
 from sora_jax.train.vae_trainer import vae_config_from
 
 
