@@ -245,6 +245,13 @@ class TextToVideo:
         pixels, end-exclusive) within `mask_frames` (a, b: frames a..b-1), each defaulting to everything.
         sdedit: inputs[0]'s frames noised to `strength`, then denoised.
         """
+        cond = self._condition(mode, shape, inputs, mask_box=mask_box, mask_frames=mask_frames, strength=strength,
+                               direction=direction, cond_frames=cond_frames)
+        # A DiT trained with given_t0 saw its given cells clean at timestep 0; hold them that way.
+        t0 = bool(self.defaults.get("given_t0", False))
+        return cond if cond is None or not t0 else dataclasses.replace(cond, t0=True)
+
+    def _condition(self, mode, shape, inputs, *, mask_box, mask_frames, strength, direction, cond_frames):
         if mode not in lc.MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(lc.MODES)}")
         n_inputs = {"t2v": 0, "t2i": 0, "interpolate": 2}.get(mode, 1)

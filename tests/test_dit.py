@@ -195,10 +195,47 @@ def test_parity_with_diffusers():
             torch.from_numpy(np.array(text)),
             return_dict=False,
         )[0].permute(0, 2, 3, 4, 1).numpy()  # back to channels-last
-    out = np.asarray(jax.jit(DiT(cfg).apply)({"params": params}, latents, t, text))
+    apply = jax.jit(DiT(cfg).apply)
+    out = np.asarray(apply({"params": params}, latents, t, text))
     err = float(np.max(np.abs(out - expected)))
     print(f"parity: max abs err {err:.2e}, output scale {np.abs(expected).max():.2f}")
     assert err <= 1e-4
+
+    # Per-token timesteps (diffusers' Wan2.2 path, timestep [B, tokens]): ours takes them per latent
+    # cell. The first latent frame is "given" (t = 0) in example 0, as frame conditioning feeds it.
+    grid = (3, 4, 6)
+    tokens = (grid[0], grid[1] // 2, grid[2] // 2)  # patch (1, 2, 2)
+    per_token = np.broadcast_to(np.asarray(t)[:, None, None, None], (2, *tokens)).copy()
+    per_token[0, 0] = 0.0
+    per_token[1, 2, 1] = 5.0  # a single token off its frame's timestep
+    with torch.no_grad():
+        expected = ref(
+            torch.from_numpy(np.array(latents)).permute(0, 4, 1, 2, 3),
+            torch.from_numpy(per_token.reshape(2, -1)),
+            torch.from_numpy(np.array(text)),
+            return_dict=False,
+        )[0].permute(0, 2, 3, 4, 1).numpy()
+    cells = per_token.repeat(2, axis=2).repeat(2, axis=3)  # [B, T', H', W'] latent cells
+    out = np.asarray(apply({"params": params}, latents, jnp.asarray(cells), text))
+    err = float(np.max(np.abs(out - expected)))
+    print(f"per-token parity: max abs err {err:.2e}")
+    assert err <= 1e-4
+
+
+def test_per_cell_timesteps(cfg, params, apply_fn):
+    """A constant per-cell grid equals the per-example timestep; a patch's largest cell sets its token's."""
+    latents, t, text = _inputs(cfg, (2, 4, 4))
+    shared = np.asarray(apply_fn(params, latents, t, text))
+    cells = jnp.broadcast_to(t[:, None, None, None], latents.shape[:4])
+    np.testing.assert_allclose(np.asarray(apply_fn(params, latents, cells, text)), shared, atol=1e-5)
+    # One cell of a 1x2x2 patch at 0: the token keeps the larger timestep, so nothing changes.
+    np.testing.assert_allclose(np.asarray(apply_fn(params, latents, cells.at[:, 0, 0, 0].set(0.0), text)),
+                               shared, atol=1e-5)
+    # The whole first frame at 0 changes the output (every token attends to it).
+    changed = np.asarray(apply_fn(params, latents, cells.at[:, 0].set(0.0), text))
+    assert np.abs(changed - shared).max() > 1e-3
+    with pytest.raises(ValueError, match="one per latent cell"):
+        DiT(cfg).apply({"params": params}, latents, jnp.zeros((2, 2, 4, 3)), text)
 
 
 def test_convert_rejects_bad_checkpoint():

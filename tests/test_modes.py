@@ -86,6 +86,17 @@ def test_extend(pipe, clip, direction):
     assert held == ([1.0, 0.0] if direction == "forward" else [0.0, 1.0])
 
 
+def test_condition_follows_the_runs_given_t0(pipe, clip):
+    """A run trained with diffusion.given_t0 gets t0 conditions (held clean at timestep 0); others do not."""
+    shape = pipe.latent_shape(1, None, None)
+    assert pipe.defaults.get("given_t0") is False  # the tiny run trains without masks
+    assert not pipe.condition("i2v", shape, [clip["png"]]).t0
+    t0_pipe = dataclasses.replace(pipe, defaults={**pipe.defaults, "given_t0": True})
+    cond = t0_pipe.condition("i2v", shape, [clip["png"]])
+    assert cond.t0 and np.asarray(cond.mask)[0, :, 0, 0, 0].tolist() == [1.0, 0.0]
+    assert t0_pipe.condition("t2v", shape) is None
+
+
 def test_interpolate(pipe, clip):
     # 9 frames -> 3 latent frames: ends given, the middle generated.
     shape = pipe.latent_shape(1, 9, None)
@@ -161,6 +172,48 @@ def test_sampler_holds_cells_along_the_trajectory(sampler):
     assert "scan[" in jaxpr and f"length={sampler.num_steps - k}" in jaxpr.replace(" ", "")
 
 
+@dataclasses.dataclass(frozen=True)
+class _PerCellTime:
+    """A velocity field that takes timesteps [B] or per latent cell [B, T', H', W'] and mixes cells."""
+
+    def __call__(self, params, x, t, text, text_mask):
+        tau = jnp.broadcast_to((t / 1000.0).reshape(t.shape + (1,) * (x.ndim - t.ndim)), x.shape)
+        # The mean over cells makes every output depend on the given cells' timesteps too.
+        return jnp.sin(1.3 * x + 2.0 * tau) * 0.6 + tau.mean(axis=(1, 2, 3), keepdims=True) * text[:, :1, :1, None, None]
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_t0_condition_holds_clean_cells_at_timestep_zero(guidance):
+    """Under t0 the given cells stay clean all the way and the network sees them at timestep 0."""
+    shape = (2, 3, 4, 4, 2)
+    noise = jax.random.normal(jax.random.key(0), shape)
+    z = jax.random.normal(jax.random.key(1), shape)
+    cond = dataclasses.replace(lc.first_frames(shape, z[:, :1]), t0=True)
+    given = np.asarray(cond.mask)[..., 0] > 0
+    ones = jnp.ones((2, 2, 3))
+    text = Conditioning(ones, jnp.ones((2, 2), bool), -ones, jnp.ones((2, 2), bool))
+    sampler = FlowSampler(num_steps=4, solver="euler", guidance=guidance)
+    traj = np.asarray(sampler.trajectory(_PerCellTime(), None, noise, text, None, cond))
+    # A plain Euler loop: given cells clean, per-cell timesteps with 0 on them, classifier-free guidance.
+    net, x = _PerCellTime(), np.where(given[..., None], np.asarray(z), np.asarray(noise))
+    sigmas = np.asarray(sampler.sigmas())
+    for i in range(sampler.num_steps):
+        t = np.where(given, 0.0, sigmas[i] * 1000.0).astype(np.float32)
+        v_c = net(None, jnp.asarray(x), jnp.asarray(t), text.text, None)
+        v_u = net(None, jnp.asarray(x), jnp.asarray(t), text.null_text, None)
+        v = np.asarray(v_u + guidance * (v_c - v_u))
+        x = np.where(given[..., None], np.asarray(z), x + (sigmas[i + 1] - sigmas[i]) * v)
+        np.testing.assert_array_equal(traj[i + 1][given], np.asarray(z)[given])
+        np.testing.assert_allclose(traj[i + 1], x, atol=1e-5)
+    # Without t0 the same run is different (noised given cells, shared timestep): the check can fail.
+    plain = np.asarray(sampler(_PerCellTime(), None, noise, text, None, dataclasses.replace(cond, t0=False)))
+    assert np.abs(plain - traj[-1])[~given].max() > 1e-3
+    # UniPC holds them clean at every step too.
+    uni = np.asarray(UniPCSampler(num_steps=4).trajectory(_PerCellTime(), None, noise, text, None, cond))
+    for step in uni[1:]:
+        np.testing.assert_array_equal(step[given], np.asarray(z)[given])
+
+
 def test_train_mask_strategies():
     grid = (4, 3, 5)
     masks = np.asarray(jax.jit(lc.strategy_masks, static_argnums=(1, 2))(jax.random.key(0), 64, grid))
@@ -230,6 +283,49 @@ def test_masked_train_step_excludes_given_cells():
             losses[name, changed] = float(metrics["loss"])
     assert losses["first", False] == losses["first", True]
     assert losses["off", False] != losses["off", True]
+
+
+def _time_spy(seen: list) -> nn.Module:
+    """A per-cell velocity model that appends the timesteps it is fed to `seen` (eagerly, they are concrete)."""
+
+    class TimeSpy(nn.Module):
+        @nn.compact
+        def __call__(self, x, t, text, text_mask):
+            seen.append(t)
+            return nn.Dense(x.shape[-1])(x)
+
+    return TimeSpy()
+
+
+def test_given_t0_feeds_given_cells_at_timestep_zero():
+    """diffusion.given_t0: given cells reach the network at t = 0, the rest at their example's timestep."""
+    import ml_collections
+
+    from configs.common import optim_config
+    from sora_jax.train.dit_trainer import make_dit_step
+    from sora_jax.train.state import TrainState, make_optimizer
+
+    x0 = jax.random.normal(jax.random.key(0), (8, 3, 2, 2, 1))
+    batch = {"latents": x0, "text": jnp.ones((8, 3, 8)), "text_mask": jnp.ones((8, 3), bool)}
+    fed = {}
+    for t0 in (False, True):
+        seen = []
+        model = _time_spy(seen)
+        params = model.init(jax.random.key(0), x0[:1], jnp.zeros((1,)), None, None)
+        seen.clear()
+        tx = make_optimizer(optim_config(1e-3, 1), 10)
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=None,
+                           tx=tx)
+        diff = ml_collections.ConfigDict({"text_dropout": 0.0, "timestep_sampling": "uniform", "shift": 1.0,
+                                          "given_t0": t0, "mask_rates": {"first_frame": 1.0}})
+        with jax.disable_jit():
+            make_dit_step(model, diff)(state, batch, jax.random.key(3))
+        fed[t0] = np.asarray(seen[-1])
+    shared, per_cell = fed[False], fed[True]
+    assert shared.shape == (8,) and np.all(shared > 0)
+    assert per_cell.shape == (8, 3, 2, 2)
+    np.testing.assert_array_equal(per_cell[:, 0], 0.0)  # first_frame: latent frame 0 is given
+    np.testing.assert_allclose(per_cell[:, 1:], np.broadcast_to(shared[:, None, None, None], (8, 2, 2, 2)))
 
 
 def _cli_error(capsys, argv, expected):

@@ -6,6 +6,7 @@ import pytest
 
 from configs.physics_reference import (DIT_SHARE, DIT_STEPS_PER_MIN, VAE_SHARE, VAE_STEPS_PER_MIN,
                                        reference_configs)
+from sora_jax.train.dit_trainer import mask_rates
 from sora_jax.train.vae_trainer import vae_config_from
 
 
@@ -21,6 +22,9 @@ def test_reference_vae_is_4x4x4_and_steps_follow_the_budget(tmp_path):
     longer, _ = reference_configs(tmp_path, 180)
     assert longer.train.steps > vae.train.steps
     assert vae.train.max_minutes == pytest.approx(VAE_SHARE * 90)
+    # The DiT learns frame conditioning with given frames at timestep 0, at sampling's noise shift.
+    assert mask_rates(dit.diffusion).enabled and dit.diffusion.given_t0
+    assert dit.diffusion.shift == dit.sample.shift == 3.0
 
 
 def test_reference_explicit_steps_and_bad_input(tmp_path):

@@ -1,9 +1,13 @@
 """Latent-frame conditioning: every prompting mode is "hold these latent cells at these values".
 
 A `LatentCondition` is (latents [B, T', H', W', C], mask [B, T', H', W', 1] with 1 = given) plus an
-optional SDEdit strength. Flow samplers overwrite the given cells with the conditioning latents at the
-current noise level, (1 - sigma) x0 + sigma eps with the run's own starting noise eps, at the start and
-after every step, and with the clean latents at the end, so given cells come out bit for bit.
+optional SDEdit strength. Flow samplers overwrite the given cells at the start and after every step,
+and with the clean latents at the end, so given cells come out bit for bit. What they are overwritten
+with depends on how the DiT was trained (`t0`): a DiT trained with conditioning masks and
+`diffusion.given_t0` saw its given cells clean at timestep 0, so they are held clean and the network
+gets per-cell timesteps (0 on given cells); any other DiT (e.g. Wan2.1 text-to-video) gets them at
+the current noise level, (1 - sigma) x0 + sigma eps with the run's own starting noise eps
+(replacement).
 `strength` starts the solve part-way: from the sampler step whose sigma is closest to it, at
 x = (1 - sigma_k) latents + sigma_k eps everywhere (SDEdit, Meng et al. 2022).
 
@@ -41,14 +45,24 @@ class LatentCondition:
     latents: jax.Array  # [B, T', H', W', C] normalized latents (values only matter where mask = 1, or with strength)
     mask: jax.Array  # [B, T', H', W', 1] float32, 1 = given
     strength: float | None = None  # static: the sampler start step depends on it
+    # static: given cells are held clean and seen at timestep 0 (a DiT trained with diffusion.given_t0)
+    t0: bool = False
 
 
-jax.tree_util.register_dataclass(LatentCondition, data_fields=["latents", "mask"], meta_fields=["strength"])
+jax.tree_util.register_dataclass(LatentCondition, data_fields=["latents", "mask"], meta_fields=["strength", "t0"])
 
 
 def hold(x: jax.Array, cond: LatentCondition, eps: jax.Array, sigma: jax.Array) -> jax.Array:
-    """x with the given cells replaced by the conditioning latents noised to (scalar) sigma."""
-    return jnp.where(cond.mask > 0, add_noise(cond.latents, eps, sigma), x)
+    """x with the given cells replaced by the conditioning latents: clean under t0, else noised to sigma."""
+    given = cond.latents if cond.t0 else add_noise(cond.latents, eps, sigma)
+    return jnp.where(cond.mask > 0, given, x)
+
+
+def network_timesteps(cond: LatentCondition | None, t: jax.Array) -> jax.Array:
+    """The timestep the network sees: t itself, or per latent cell [B, T', H', W'] with given cells at 0 under t0."""
+    if cond is None or not cond.t0:
+        return t
+    return jnp.where(cond.mask[..., 0] > 0, 0.0, jnp.asarray(t, jnp.float32))
 
 
 def finish(x: jax.Array, cond: LatentCondition) -> jax.Array:

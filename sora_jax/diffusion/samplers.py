@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sora_jax.diffusion import flow
-from sora_jax.diffusion.conditioning import LatentCondition, finish, hold, start_index
+from sora_jax.diffusion.conditioning import LatentCondition, finish, hold, network_timesteps, start_index
 
 
 class Denoiser(Protocol):
@@ -51,9 +51,11 @@ jax.tree_util.register_dataclass(
 def guided_prediction(
     denoiser: Denoiser, params: Any, x: jax.Array, t: jax.Array, cond: Conditioning, guidance: float
 ) -> jax.Array:
-    """Classifier-free guidance out_u + g (out_c - out_u) at scalar timestep t, in one network call."""
+    """Classifier-free guidance out_u + g (out_c - out_u) at timestep t (scalar, or per cell [B, T', H', W'])."""
     b = x.shape[0]
-    t = jnp.full((b,), t, jnp.float32)
+    t = jnp.asarray(t, jnp.float32)
+    if t.ndim == 0:
+        t = jnp.full((b,), t)
     if guidance == 1.0:
         # g = 1 is the conditional output exactly; skip the unconditional half of the batch.
         return denoiser(params, x, t, cond.text, cond.text_mask)
@@ -203,13 +205,14 @@ class FlowSampler(LoopSampler):
 
         def step(x, per_step):
             s, s_next, t, tn = per_step
-            v = guided_prediction(denoiser, params, x, t, cond, self.guidance)
+            v = guided_prediction(denoiser, params, x, network_timesteps(latent_cond, t), cond, self.guidance)
             x_euler = held(x + (s_next - s) * v, s_next)
             if self.solver == "euler":
                 return x_euler
 
             def heun(_):
-                v_next = guided_prediction(denoiser, params, x_euler, tn, cond, self.guidance)
+                v_next = guided_prediction(denoiser, params, x_euler, network_timesteps(latent_cond, tn), cond,
+                                           self.guidance)
                 return held(x + (s_next - s) * 0.5 * (v + v_next), s_next)
 
             # Heun averages the slopes at both ends, except on the last step into sigma=0, where the

@@ -32,6 +32,7 @@ from sora_jax.diffusion.samplers import (
     conditioned_start,
     guided_prediction,
     holder,
+    network_timesteps,
     scan_steps,
 )
 
@@ -171,7 +172,7 @@ class UniPCSampler(LoopSampler):
 
         def step(carry, s):
             x_pred, last, hist = carry  # hist: [order, *x.shape], newest x0 prediction first
-            v = guided_prediction(denoiser, params, x_pred, s["t"], cond, self.guidance)
+            v = guided_prediction(denoiser, params, x_pred, network_timesteps(latent_cond, s["t"]), cond, self.guidance)
             m = x_pred - s["sigma"] * v  # flow_prediction -> x0, on the uncorrected sample
             x = s["corr_keep"] * x_pred + s["corr_x"] * last + combine(s["corr_m"], hist) + s["corr_new"] * m
             x = held(x, s["sigma"])  # the corrector mixes old samples: re-hold the given cells

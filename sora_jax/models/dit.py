@@ -217,7 +217,7 @@ class DiTBlock(nn.Module):
         sin: jax.Array,
         video_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, None]:
-        """x [batch, tokens, embed], context [batch, L, embed], timestep_proj [batch, 6, embed]."""
+        """x [batch, tokens, embed], context [batch, L, embed], timestep_proj [batch, 1 or tokens, 6, embed]."""
         cfg, dim, f32 = self.cfg, self.cfg.hidden_size, jnp.float32
         table = self.param(
             "scale_shift_table",
@@ -226,8 +226,8 @@ class DiTBlock(nn.Module):
             cfg.param_dtype,
         )
         # Modulation stays in float32 (the reference keeps the table in fp32 and upcasts temb).
-        mod = table.astype(f32) + timestep_proj.astype(f32)  # [batch, 6, embed]
-        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (mod[:, i, None] for i in range(6))
+        mod = table.astype(f32)[:, None] + timestep_proj.astype(f32)  # [batch, 1 or tokens, 6, embed]
+        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (mod[:, :, i] for i in range(6))
 
         h = LayerNormFP32(cfg.eps, name="norm1")(x) * (1 + scale_msa) + shift_msa
         h = WanAttention(cfg, name="attn1")(h.astype(cfg.dtype), context_mask=video_mask, cos=cos, sin=sin)
@@ -292,6 +292,9 @@ class DiT(nn.Module):
     ) -> jax.Array:
         """latents [B,T,H,W,C], timesteps [B] in [0,1000], text [B,L,D], mask [B,L] -> [B,T,H,W,out] f32.
 
+        timesteps may also be per latent cell, [B, T, H, W]: each token is then modulated by its own
+        timestep, the largest of its patch's cells (Wan2.2 TI2V's per-token timesteps; a token is
+        at 0 only if all its cells are). Frame-conditioned models feed their given cells at 0.
         video_mask [B, T'·H'·W'] (or [B, T', H', W']) marks real video tokens; padded ones are
         dropped as self-attention keys (their own outputs are junk for the loss to mask out).
         """
@@ -312,12 +315,13 @@ class DiT(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
         # Time MLP in float32 (the reference keeps time_embedder in fp32), then model dtype.
-        temb = timestep_embedding(jnp.broadcast_to(timesteps, (b,)), cfg.freq_dim)  # [batch, freq_dim]
+        times = token_timesteps(timesteps, latents.shape[:4], cfg.patch_size)  # [batch, 1 or tokens]
+        temb = timestep_embedding(times.reshape(-1), cfg.freq_dim).reshape(*times.shape, cfg.freq_dim)
         temb = Dense(dim, (None, "embed"), kernel_init=small, name="time_embedding_1")(temb)
         temb = Dense(dim, ("mlp", "embed"), kernel_init=small, name="time_embedding_2")(nn.silu(temb))
-        temb = temb.astype(cfg.dtype)  # [batch, embed]
+        temb = temb.astype(cfg.dtype)  # [batch, 1 or tokens, embed]
         timestep_proj = dense(6 * dim, ("embed", "mlp"), name="time_projection")(nn.silu(temb))
-        timestep_proj = timestep_proj.reshape(b, 6, dim)  # [batch, 6, embed]
+        timestep_proj = timestep_proj.reshape(*times.shape, 6, dim)  # [batch, 1 or tokens, 6, embed]
 
         context = dense(dim, ("text_embed", "embed"), kernel_init=small, name="text_embedding_1")(text)
         context = dense(dim, ("mlp", "embed"), kernel_init=small, name="text_embedding_2")(
@@ -354,14 +358,28 @@ class DiT(nn.Module):
             (1, 2, dim),
             cfg.param_dtype,
         )
-        mod = table.astype(jnp.float32) + temb.astype(jnp.float32)[:, None]  # [batch, 2, embed]
-        shift, scale = mod[:, 0, None], mod[:, 1, None]
+        mod = table.astype(jnp.float32)[:, None] + temb.astype(jnp.float32)[:, :, None]  # [batch, 1|tokens, 2, embed]
+        shift, scale = mod[:, :, 0], mod[:, :, 1]
         x = (LayerNormFP32(cfg.eps, name="norm_out")(x) * (1 + scale) + shift).astype(cfg.dtype)
         patch_volume = math.prod(cfg.patch_size)
         # Zero-init head (as Wan) so a fresh model predicts 0 and training starts from a flat loss.
         x = dense(cfg.out_channels * patch_volume, ("embed", None), kernel_init=nn.initializers.zeros_init(),
                   name="proj_out")(x)  # [batch, tokens, pt*ph*pw*out]
         return unpatchify(x, grid, cfg.patch_size).astype(jnp.float32)
+
+
+def token_timesteps(timesteps: jax.Array, cells: Sequence[int], patch_size: Sequence[int]) -> jax.Array:
+    """Timesteps [B] or per latent cell [B, T, H, W] -> [B, 1] or per token [B, tokens] (max over a patch)."""
+    t = jnp.asarray(timesteps, jnp.float32)
+    b = cells[0]
+    if t.ndim <= 1:
+        return jnp.broadcast_to(t, (b,))[:, None]
+    if tuple(t.shape) != tuple(cells):
+        raise ValueError(f"timesteps of shape {tuple(t.shape)} fit neither [batch]={(b,)} nor the latent cells "
+                         f"{tuple(cells)}; pass one timestep per example or one per latent cell")
+    (pt, ph, pw), (_, tt, hh, ww) = patch_size, cells
+    t = t.reshape(b, tt // pt, pt, hh // ph, ph, ww // pw, pw)
+    return t.max(axis=(2, 4, 6)).reshape(b, -1)
 
 
 def unpatchify(x: jax.Array, grid: tuple[int, int, int], patch_size: tuple[int, int, int]) -> jax.Array:

@@ -93,6 +93,7 @@ def make_dit_step(model: DiT, diff_cfg: ml_collections.ConfigDict, grad_accum: i
     objective = objective_from(diff_cfg)
     p_drop = float(diff_cfg.text_dropout)
     rates = mask_rates(diff_cfg)
+    given_t0 = bool(diff_cfg.get("given_t0", False))
 
     def loss_fn(params, batch, rng):
         x0, text, mask = batch["latents"], batch["text"], batch["text_mask"]
@@ -112,16 +113,20 @@ def make_dit_step(model: DiT, diff_cfg: ml_collections.ConfigDict, grad_accum: i
         time = obj.sample_times(r_time, b)  # flow: sigma in (0, 1); DDPM: integer step
         noise = jax.random.normal(r_noise, x0.shape, x0.dtype)
         x_t = obj.add_noise(x0, noise, time)
+        t_model = obj.model_time(time)  # [B]
         if given is not None:
-            # Conditioning cells are seen clean (noise level 0 there), as the sampler holds them, and not scored.
+            # Conditioning cells are seen clean and not scored. Under given_t0 the network is also told
+            # so through their timestep (0, per cell); samplers then hold them clean (LatentCondition.t0).
             x_t = jnp.where(given > 0, x0, x_t)
+            if given_t0:
+                t_model = jnp.where(given[..., 0] > 0, 0.0, t_model[:, None, None, None])  # [B, T', H', W']
         skip, extra = given, {}
         if "video_mask" in batch:
             real = batch["video_mask"]
             extra["video_mask"] = token_mask(real, model.cfg.patch_size)
             pad = 1.0 - real.astype(x0.dtype)[..., None]  # [B, T', H', W', 1], 1 = padding
             skip = pad if given is None else jnp.maximum(given, pad)
-        pred = model.apply(params, x_t, obj.model_time(time), text, mask, **extra)
+        pred = model.apply(params, x_t, t_model, text, mask, **extra)
         loss = obj.loss(pred, x0, noise, time, given=skip).mean()
         return loss, {"loss": loss}
 
@@ -204,6 +209,8 @@ def train_dit(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "latent_cache": str(cache_dir),
         "sample": to_python(config.sample),
         "objective": objective_to_json(objective_from(config.diffusion)),
+        # Samplers must feed given latent cells as training did (conditioning.LatentCondition.t0).
+        "given_t0": bool(config.diffusion.get("given_t0", False)) and mask_rates(config.diffusion).enabled,
         "video": default_video(config, spec),
     })
 
