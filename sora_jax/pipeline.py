@@ -144,7 +144,8 @@ class TextToVideo:
         validate_latent_grid(self.dit_cfg, grid)
         return (batch, *grid, self.dit_cfg.in_channels)
 
-    def _encode(self, prompts: list[str], max_length: int | None) -> tuple[jax.Array, jax.Array]:
+    def encode_prompts(self, prompts: list[str], max_length: int | None = None) -> tuple[jax.Array, jax.Array]:
+        """Text embeddings [B, L, D] and mask [B, L] of prompts, with this model's text encoder."""
         if self.kind == PIPELINE_KIND:
             return self.text_encoder.encode(prompts, max_length)
         if max_length is not None:
@@ -188,11 +189,11 @@ class TextToVideo:
                                      strength=strength, direction=direction, cond_frames=cond_frames)
         if sampler is None:
             sampler = self.make_sampler(num_tokens=flow.latent_tokens(shape[1:4], self.dit_cfg.patch_size))
-        text, mask = self._encode(prompts, max_sequence_length)
+        text, mask = self.encode_prompts(prompts, max_sequence_length)
         text, mask = jnp.asarray(text), jnp.asarray(mask)
         # An empty negative prompt for a training run means its null text (BERT rejects empty prompts).
         if negative_prompt or self.kind == PIPELINE_KIND:
-            n_text, n_mask = self._encode([negative_prompt or ""] * len(prompts), max_sequence_length)
+            n_text, n_mask = self.encode_prompts([negative_prompt or ""] * len(prompts), max_sequence_length)
         else:
             n_text, n_mask = null_text(len(prompts), text.shape[1], text.shape[2])
         if noise is None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -172,9 +174,48 @@ def test_cli_eval_physics_on_tiny_checkpoint(tiny_runs, tmp_path, capsys):
     assert len(report["frames"]["curves"]["copy_last"]) == 4  # 5 frames, 1 given
     assert (out / "position_error.png").stat().st_size > 1000
     assert "| model/id |" in (out / "report.md").read_text()
+    use = report["conditioning_use"]  # 2 parabola scenes (at least two, to swap frames between)
+    assert use["scenes"] == 2 and use["k_latent"] == 1 and len(use["own"]) == len(use["sigmas"]) == 5
+    assert "Does the model use its conditioning frames?" in (out / "report.md").read_text()
     capsys.readouterr()
     assert main(["eval-physics", "--out", str(out), "--families", "tennis"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tennis" in err[0]
     assert main(["eval-physics", "--out", str(out), "--cond-frames", "17", "--phyworld-scenes", "0"]) != 0
     assert "none left to predict" in capsys.readouterr().err
+
+
+def test_conditioning_use_on_tiny_checkpoint(tiny_runs):
+    """The latent diagnostic: reference MSEs from the true latents, own vs swapped frames, t0 holding."""
+    from sora_jax.eval.conditioning_use import conditioning_use
+    from sora_jax.pipeline import TextToVideo
+
+    t2v = TextToVideo.load(tiny_runs["dit_cfg"].workdir)
+    video = t2v.defaults["video"]
+    spec = SceneSpec(families=("uniform", "parabola"), splits=("id",), per_split=1, size=video["size"],
+                     frames=video["frames"])
+    scenes = make_scenes(spec)
+    use = conditioning_use(t2v, scenes, 1, sigmas=(0.5, 0.95))
+    z = np.concatenate([np.asarray(t2v.encode_video(s["video"])) for s in scenes])
+    np.testing.assert_allclose(use["zeros"], np.mean(z[:, 1:] ** 2), rtol=1e-5)
+    np.testing.assert_allclose(use["copy_last"], np.mean((z[:, :1] - z[:, 1:]) ** 2), rtol=1e-5)
+    assert all(np.isfinite(use["own"] + use["other"])) and use["gap"][1] == use["other"][1] - use["own"][1]
+    assert not use["given_t0"]
+    # Swapping a scene for itself changes nothing: the gap is exactly 0.
+    same = conditioning_use(t2v, [scenes[0], scenes[0]], 1, sigmas=(0.5,))
+    assert same["gap"] == [0.0]
+    # A given_t0 run holds the given frames clean at timestep 0, which changes the network's estimate.
+    # The 2-step tiny DiT barely responds to anything (zero-init head), so its weights are perturbed.
+    leaves, tree = jax.tree_util.tree_flatten(t2v.dit_params)
+    rng = np.random.default_rng(0)
+    noisy = jax.tree_util.tree_unflatten(tree, [x + 0.1 * rng.standard_normal(x.shape).astype(x.dtype) for x in leaves])
+    loud = dataclasses.replace(t2v, dit_params=noisy)
+    plain = conditioning_use(loud, scenes, 1, sigmas=(0.95,))
+    t0 = conditioning_use(dataclasses.replace(loud, defaults={**t2v.defaults, "given_t0": True}), scenes, 1,
+                          sigmas=(0.95,))
+    assert t0["given_t0"] and abs(t0["own"][0] - plain["own"][0]) > 1e-4
+    assert abs(plain["gap"][0]) > 1e-4  # the perturbed network depends on which frames it is given
+    with pytest.raises(ValueError, match="at least 2 scenes"):
+        conditioning_use(t2v, scenes[:1], 1)
+    with pytest.raises(ValueError, match="no free latent frame"):
+        conditioning_use(t2v, scenes, 2)

@@ -17,6 +17,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,13 +59,14 @@ def latent_aligned(k: int, temporal_factor: int = TEMPORAL_FACTOR) -> int:
     return 1 + temporal_factor * math.ceil(max(k - 1, 0) / temporal_factor)
 
 
-def model_predictors(checkpoint: str | Path, *, steps: int | None = None, guidance: float | None = None,
+def model_predictors(checkpoint: Any, *, steps: int | None = None, guidance: float | None = None,
                      seed: int = 0) -> tuple[Predictor, Callable[[list[str], int, int], np.ndarray], dict]:
-    """(frame-conditioned predictor, text-to-video generator, video defaults) of a trained checkpoint."""
+    """(frame-conditioned predictor, text-to-video generator, video defaults) of a checkpoint folder or a
+    loaded `TextToVideo`."""
     from sora_jax.data.video import to_uint8
     from sora_jax.pipeline import TextToVideo
 
-    t2v = TextToVideo.from_pretrained(checkpoint)
+    t2v = checkpoint if isinstance(checkpoint, TextToVideo) else TextToVideo.from_pretrained(checkpoint)
     sampler = t2v.make_sampler(steps=steps, guidance=guidance)
 
     def predict(scene: dict, k: int) -> np.ndarray:
@@ -251,12 +253,15 @@ def evaluate(
     Scenes take the checkpoint's video size and length unless `size`/`frames` are given (64 x 17
     without a checkpoint); `bench` holds the other `BenchConfig` fields.
     """
-    predictors, generate, video = {}, None, {"size": 64, "frames": 17}
+    predictors, generate, video, t2v = {}, None, {"size": 64, "frames": 17}, None
     if checkpoint is not None:
         if not Path(checkpoint).is_dir():
             raise FileNotFoundError(f"checkpoint {checkpoint} is not a folder; pass a DiT run directory "
                                     "(e.g. from scripts/train_reference.py) or leave --checkpoint out for baselines only")
-        predict, generate, video = model_predictors(checkpoint, steps=steps, guidance=guidance,
+        from sora_jax.pipeline import TextToVideo
+
+        t2v = TextToVideo.from_pretrained(checkpoint)
+        predict, generate, video = model_predictors(t2v, steps=steps, guidance=guidance,
                                                     seed=int(bench.get("seed", 0)))
         predictors["model"] = predict
     default_size = video["size"] if isinstance(video["size"], int) else video["size"][0]
@@ -264,6 +269,12 @@ def evaluate(
                                  frames=frames or video["frames"])
     cfg = BenchConfig(scenes=scenes, **bench)
     report = run_benchmark(cfg, predictors, generate, progress)
+    if t2v is not None and "frames" in cfg.protocols and "id" in scenes.splits:
+        from sora_jax.eval.conditioning_use import conditioning_use
+
+        # At least two scenes, so that each can be given another's frames.
+        in_dist = make_scenes(dataclasses.replace(scenes, splits=("id",), per_split=max(2, scenes.per_split)))
+        report["conditioning_use"] = conditioning_use(t2v, in_dist, report["cond_latent_frames"], seed=cfg.seed)
     report["checkpoint"] = None if checkpoint is None else str(Path(checkpoint).absolute())
     return report, write_report(report, out)
 

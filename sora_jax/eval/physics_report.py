@@ -69,6 +69,20 @@ def render_markdown(report: dict) -> str:
             for name, v in frames["phyworld"].items():
                 lines.append(f"| {name} | {_fmt(v['v_err'], '{:.4f}')} | {_fmt(v['x_floor'], '{:.1f}')} |")
         lines.append("")
+    use = report.get("conditioning_use")
+    if use:
+        lines += ["### Does the model use its conditioning frames? (latent space, model diagnostic)", "",
+                  f"MSE of the DiT's one-step clean estimate on the free latent frames of {use['scenes']} "
+                  f"in-distribution scenes, with each scene's own first {use['k_latent']} latent frame(s) given "
+                  "and with another scene's (`sora_jax/eval/conditioning_use.py`). The gap (other − own) is "
+                  "what the conditioning is worth to the prediction. Given cells "
+                  + ("clean at timestep 0 (a given_t0 run)." if use["given_t0"] else "noised to sigma (replacement).")
+                  + f" Reference predictors: zeros {use['zeros']:.3f}, last conditioning latent frame "
+                  f"repeated {use['copy_last']:.3f}.", "",
+                  "| sigma | own frames | another scene's | gap |", "|---|---|---|---|"]
+        for sig, own, other, gap in zip(use["sigmas"], use["own"], use["other"], use["gap"]):
+            lines.append(f"| {sig:g} | {own:.4f} | {other:.4f} | {gap:.4f} |")
+        lines.append("")
     text = report.get("text")
     if text:
         lines += ["## (b) Text-conditioned generation (captions of in-distribution multi scenes)", ""]
