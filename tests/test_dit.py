@@ -263,9 +263,14 @@ def test_sharded_apply_matches_single_device(cfg, params, apply_fn, preset):
     abstract = jax.eval_shape(DiT(cfg).init, jax.random.key(0), *inputs)
     shardings = logical_shardings(abstract["params"], mesh, rules)
     sharded = jax.device_put(params, shardings)
+    latents, t, text = inputs
+    per_cell = jnp.broadcast_to(t[:, None, None, None], latents.shape[:4]).at[:, 0].set(0.0)  # frame 0 given
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        out = jax.jit(lambda p, *a: DiT(cfg).apply({"params": p}, *a))(sharded, *inputs)
+        apply = jax.jit(lambda p, *a: DiT(cfg).apply({"params": p}, *a))
+        out = apply(sharded, *inputs)
+        out_cells = apply(sharded, latents, per_cell, text)
     np.testing.assert_allclose(np.asarray(out), np.asarray(apply_fn(params, *inputs)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out_cells), np.asarray(apply_fn(params, latents, per_cell, text)), atol=1e-5)
 
 
 def test_load_safetensors_bf16(tmp_path):

@@ -322,6 +322,8 @@ class DiT(nn.Module):
         temb = temb.astype(cfg.dtype)  # [batch, 1 or tokens, embed]
         timestep_proj = dense(6 * dim, ("embed", "mlp"), name="time_projection")(nn.silu(temb))
         timestep_proj = timestep_proj.reshape(*times.shape, 6, dim)  # [batch, 1 or tokens, 6, embed]
+        if times.shape[1] > 1:  # per-token modulation is as long as the sequence: shard it like x
+            timestep_proj = nn.with_logical_constraint(timestep_proj, ("batch", "length", None, "act_embed"))
 
         context = dense(dim, ("text_embed", "embed"), kernel_init=small, name="text_embedding_1")(text)
         context = dense(dim, ("mlp", "embed"), kernel_init=small, name="text_embedding_2")(
