@@ -63,13 +63,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # interpolate and inpaint. All 0 = plain text-to-video training (the default). An
             # Open-Sora-1.x-like mix: first_frame=0.1, first_k=0.05, last_k=0.025, both_ends=0.025,
             # random_frames=0.05, random_box=0.05 ("none" takes the remaining 0.7).
-            # Given cells also get timestep 0 (per-cell timesteps, as Wan2.2 TI2V), so the network
-            # can tell conditioning from noisy input at every noise level; samplers then hold them clean.
-            "given_t0": False,
             "mask_rates": ml_collections.ConfigDict({
                 "first_frame": 0.0, "first_k": 0.0, "last_k": 0.0, "both_ends": 0.0,
                 "random_frames": 0.0, "random_box": 0.0,
             }),
+            # With mask_rates on: given cells also get timestep 0 (per-cell timesteps, as Wan2.2
+            # TI2V), so the network can tell conditioning from noisy input at every noise level;
+            # samplers then hold them clean at timestep 0 too.
+            "given_t0": False,
         }
     )
     # solver "auto": euler for flow runs, ddim for DDPM runs; or euler | heun | unipc | ddim.
