@@ -188,6 +188,7 @@ def test_cli_eval_physics_on_tiny_checkpoint(tiny_runs, tmp_path, capsys):
 def test_conditioning_use_on_tiny_checkpoint(tiny_runs):
     """The latent diagnostic: reference MSEs from the true latents, own vs swapped frames, t0 holding."""
     from sora_jax.eval.conditioning_use import conditioning_use
+    from sora_jax.models.dit import DiT
     from sora_jax.pipeline import TextToVideo
 
     t2v = TextToVideo.load(tiny_runs["dit_cfg"].workdir)
@@ -199,7 +200,7 @@ def test_conditioning_use_on_tiny_checkpoint(tiny_runs):
     z = np.concatenate([np.asarray(t2v.encode_video(s["video"])) for s in scenes])
     np.testing.assert_allclose(use["zeros"], np.mean(z[:, 1:] ** 2), rtol=1e-5)
     np.testing.assert_allclose(use["copy_last"], np.mean((z[:, :1] - z[:, 1:]) ** 2), rtol=1e-5)
-    assert all(np.isfinite(use["own"] + use["other"])) and use["gap"][1] == use["other"][1] - use["own"][1]
+    assert all(np.isfinite(use["own"] + use["other"]))
     assert not use["given_t0"]
     # Swapping a scene for itself changes nothing: the gap is exactly 0.
     same = conditioning_use(t2v, [scenes[0], scenes[0]], 1, sigmas=(0.5,))
@@ -211,6 +212,13 @@ def test_conditioning_use_on_tiny_checkpoint(tiny_runs):
     noisy = jax.tree_util.tree_unflatten(tree, [x + 0.1 * rng.standard_normal(x.shape).astype(x.dtype) for x in leaves])
     loud = dataclasses.replace(t2v, dit_params=noisy)
     plain = conditioning_use(loud, scenes, 1, sigmas=(0.95,))
+    # Own frames without t0 are noised with the same eps as the rest, so the network input is just x_t
+    # at one sigma: the MSE recomputed here straight from the DiT, without the conditioning code.
+    eps = np.asarray(jax.random.normal(jax.random.key(0), z.shape))
+    x = 0.05 * z + 0.95 * eps
+    text, mask = t2v.encode_prompts([s["caption"] for s in scenes])
+    v = np.asarray(DiT(t2v.dit_cfg).apply(noisy, x, np.full((len(scenes),), 950.0, np.float32), text, mask))
+    np.testing.assert_allclose(plain["own"][0], np.mean((x - 0.95 * v - z)[:, 1:] ** 2), rtol=1e-4)
     t0 = conditioning_use(dataclasses.replace(loud, defaults={**t2v.defaults, "given_t0": True}), scenes, 1,
                           sigmas=(0.95,))
     assert t0["given_t0"] and abs(t0["own"][0] - plain["own"][0]) > 1e-4

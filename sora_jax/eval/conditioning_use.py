@@ -17,6 +17,7 @@ the same frames: zeros (the latents are normalized) and the last conditioning la
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -47,18 +48,13 @@ def conditioning_use(t2v: Any, scenes: Sequence[dict], k_latent: int, *, sigmas:
     t0 = bool(t2v.defaults.get("given_t0", False))
     denoiser = DiTDenoiser(t2v.dit_cfg)
 
-    @jax.jit
-    def x0_error(params, given_latents, sigma):
-        cond = dataclasses.replace(lc.first_frames(z.shape, given_latents[:, :k_latent]), t0=t0)
-        x = lc.hold(flow.add_noise(z, eps, sigma), cond, eps, sigma)
-        t = lc.network_timesteps(cond, sigma * flow.TIME_SCALE)
-        v = guided_prediction(denoiser, params, x, t, texts, 1.0)
-        x0 = x - sigma * v
-        return jnp.mean((x0[:, k_latent:] - z[:, k_latent:]) ** 2)
+    def mse(given: jax.Array, sigma: float) -> float:
+        return float(_x0_error(t2v.dit_params, z, given, eps, texts, jnp.float32(sigma),
+                               denoiser=denoiser, k_latent=k_latent, t0=t0))
 
     other = jnp.roll(z, 1, axis=0)  # scene i conditioned on scene i-1's frames
-    own_mse = [float(x0_error(t2v.dit_params, z, jnp.float32(s))) for s in sigmas]
-    other_mse = [float(x0_error(t2v.dit_params, other, jnp.float32(s))) for s in sigmas]
+    own_mse = [mse(z, s) for s in sigmas]
+    other_mse = [mse(other, s) for s in sigmas]
     free = z[:, k_latent:]
     return {
         "sigmas": [float(s) for s in sigmas], "own": own_mse, "other": other_mse,
@@ -68,3 +64,17 @@ def conditioning_use(t2v: Any, scenes: Sequence[dict], k_latent: int, *, sigmas:
         "scenes": len(scenes), "k_latent": k_latent, "given_t0": t0,
     }
 
+
+# Module level with the model and k static: every call of the same shapes (own and swapped frames,
+# each sigma, later checkpoints of the same run) reuses one compiled program, and the latents,
+# noise and text are arguments rather than constants baked into it.
+@functools.partial(jax.jit, static_argnames=("denoiser", "k_latent", "t0"))
+def _x0_error(params: Any, z: jax.Array, given: jax.Array, eps: jax.Array, texts: Conditioning, sigma: jax.Array,
+              *, denoiser: DiTDenoiser, k_latent: int, t0: bool) -> jax.Array:
+    """MSE of the one-step clean estimate on z's free latent frames, with `given`'s first k frames held."""
+    cond = dataclasses.replace(lc.first_frames(z.shape, given[:, :k_latent]), t0=t0)
+    x = lc.hold(flow.add_noise(z, eps, sigma), cond, eps, sigma)  # [scenes, T', H', W', C]
+    t = lc.network_timesteps(cond, sigma * flow.TIME_SCALE)
+    v = guided_prediction(denoiser, params, x, t, texts, 1.0)
+    x0 = x - sigma * v
+    return jnp.mean((x0[:, k_latent:] - z[:, k_latent:]) ** 2)
