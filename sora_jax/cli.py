@@ -147,9 +147,9 @@ def _parser() -> argparse.ArgumentParser:
                        description="Scores frame-conditioned prediction and text-conditioned generation on seeded "
                                    "physics_balls scenes (families x splits) with pixel-only metrics, next to "
                                    "ground truth, copy-last, no-gravity re-simulation and another clip; errors also "
-                                   "as multiples of the parse floor. Writes report.json/.md and position_error.png.")
+                                   "as multiples of the parse floor. Writes report.json/.md, position_error.png and samples.png.")
     e.add_argument("--checkpoint", help="DiT run directory to evaluate (default: baselines only)")
-    e.add_argument("--out", default="outputs/eval_physics", help="folder for report.json, report.md, position_error.png")
+    e.add_argument("--out", default="outputs/eval_physics", help="folder for report.json, report.md, position_error.png, samples.png")
     e.add_argument("--per-split", type=int, default=8, help="scenes per family and split")
     e.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated subset of {','.join(FAMILIES)}")
     e.add_argument("--splits", default=",".join(SPLITS), help=f"comma-separated subset of {','.join(SPLITS)}")

@@ -177,6 +177,14 @@ def test_cli_eval_physics_on_tiny_checkpoint(tiny_runs, tmp_path, capsys):
     use = report["conditioning_use"]  # 2 parabola scenes (at least two, to swap frames between)
     assert use["scenes"] == 2 and use["k_latent"] == 1 and len(use["own"]) == len(use["sigmas"]) == 5
     assert "Does the model use its conditioning frames?" in (out / "report.md").read_text()
+    assert report["samples"] == {"file": "samples.png", "scenes": ["parabola/id"], "rows": ["truth", "model"]}
+    from PIL import Image
+
+    sheet = np.asarray(Image.open(out / "samples.png"))
+    video = json.loads((tiny_runs["root"] / "dit" / "run.json").read_text())["video"]
+    h, w = (video["size"],) * 2 if isinstance(video["size"], int) else video["size"]
+    assert sheet.shape == (2 * h, video["frames"] * w + 2, 3)  # truth and model rows; the bar after 1 given frame
+    assert (sheet[:, w:w + 2] == 255).all() and "samples.png" in (out / "report.md").read_text()
     capsys.readouterr()
     assert main(["eval-physics", "--out", str(out), "--families", "tennis"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
@@ -227,3 +235,25 @@ def test_conditioning_use_on_tiny_checkpoint(tiny_runs):
         conditioning_use(t2v, scenes[:1], 1)
     with pytest.raises(ValueError, match="no free latent frame"):
         conditioning_use(t2v, scenes, 2)
+
+
+def test_sample_sheet_places_every_frame(tmp_path):
+    """Scenes stack top to bottom, their rows touch, frames run left to right, a white bar after the given ones."""
+    from PIL import Image
+
+    from sora_jax.eval.physics_report import sample_sheet
+
+    rng = np.random.default_rng(0)
+    # Values below 255 everywhere, so the bar and the black scene gap cannot be mistaken for a frame.
+    vids = {f"s{i}": {"truth": rng.integers(1, 250, (5, 8, 6, 3), np.uint8),
+                      "model": rng.integers(1, 250, (5, 8, 6, 3), np.uint8)} for i in range(2)}
+    sheet = np.asarray(Image.open(sample_sheet(vids, 2, tmp_path / "s.png")))
+    assert sheet.shape == (2 * 2 * 8 + 2, 5 * 6 + 2, 3)
+    for i, rows in enumerate(vids.values()):
+        for j, video in enumerate(rows.values()):
+            top = i * (2 * 8 + 2) + j * 8
+            band = sheet[top:top + 8]
+            np.testing.assert_array_equal(band[:, :12], np.concatenate(list(video[:2]), axis=1))
+            assert (band[:, 12:14] == 255).all()
+            np.testing.assert_array_equal(band[:, 14:], np.concatenate(list(video[2:]), axis=1))
+    assert (sheet[16:18] == 0).all()

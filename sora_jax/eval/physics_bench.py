@@ -102,8 +102,12 @@ def _phyworld_error(pred: np.ndarray, scene: dict, truth_xy: np.ndarray, k: int)
 
 
 def frame_protocol(scenes: list[dict], k: int, predictors: dict[str, Predictor],
-                   progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Per-clip scores of every predictor (and the baselines) on every scene."""
+                   progress: Callable[[str], None] | None = None, samples: dict | None = None) -> list[dict]:
+    """Per-clip scores of every predictor (and the baselines) on every scene.
+
+    A `samples` dict receives, for the first in-distribution scene of each family, the true video and
+    each predictor's prediction (keyed "family/id"), for `physics_report.sample_sheet`.
+    """
     rows = []
     for i, scene in enumerate(scenes):
         truth = parse_video(scene["video"], scene["colors"])
@@ -116,6 +120,9 @@ def frame_protocol(scenes: list[dict], k: int, predictors: dict[str, Predictor],
         if others:
             preds["other_clip"] = baselines.other_clip(scene, k, others[0])
         preds |= {name: f(scene, k) for name, f in predictors.items()}
+        key = f"{scene['family']}/{scene['split']}"
+        if samples is not None and predictors and scene["split"] == "id" and key not in samples:
+            samples[key] = {"truth": np.asarray(scene["video"])} | {name: preds[name] for name in predictors}
         for name, pred in preds.items():
             m = clip_metrics(pred, scene, k, truth=truth)
             if scene["family"] == "uniform":
@@ -181,13 +188,15 @@ def summarize_frames(rows: list[dict]) -> dict:
 
 
 def run_benchmark(cfg: BenchConfig, predictors: dict[str, Predictor] | None = None,
-                  generate: Callable | None = None, progress: Callable[[str], None] | None = None) -> dict:
-    """Runs the configured protocols for the baselines and the given predictors; returns the report dict."""
+                  generate: Callable | None = None, progress: Callable[[str], None] | None = None,
+                  samples: dict | None = None) -> dict:
+    """Runs the configured protocols for the baselines and the given predictors; returns the report dict
+    (and fills `samples` as `frame_protocol` does)."""
     k = latent_aligned(cfg.cond_frames)
     report: dict = {"config": dataclasses.asdict(cfg), "cond_pixel_frames": k,
                     "cond_latent_frames": 1 + (k - 1) // TEMPORAL_FACTOR}
     if "frames" in cfg.protocols:
-        rows = frame_protocol(make_scenes(cfg.scenes), k, predictors or {}, progress)
+        rows = frame_protocol(make_scenes(cfg.scenes), k, predictors or {}, progress, samples)
         report["frames"] = summarize_frames(rows)
         report["frames"]["phyworld"] = _phyworld_model_summary(rows)
     if "text" in cfg.protocols:
@@ -216,13 +225,18 @@ def _phyworld_model_summary(rows: list[dict]) -> dict:
     return out
 
 
-def write_report(report: dict, out: str | Path) -> dict[str, Path]:
-    """Writes report.json, report.md and position_error.png (if matplotlib is installed) under `out`; returns their paths."""
-    from sora_jax.eval.physics_report import plot_position_error, render_markdown
+def write_report(report: dict, out: str | Path, samples: dict | None = None) -> dict[str, Path]:
+    """Writes report.json, report.md, position_error.png (if matplotlib is installed) and, given model
+    `samples` (see `frame_protocol`), samples.png under `out`; returns their paths."""
+    from sora_jax.eval.physics_report import plot_position_error, render_markdown, sample_sheet
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "md": out / "report.md"}
+    if samples:
+        paths["samples"] = sample_sheet(samples, report["cond_pixel_frames"], out / "samples.png")
+        report["samples"] = {"file": paths["samples"].name, "scenes": list(samples),
+                             "rows": list(next(iter(samples.values())))}
     paths["json"].write_text(json.dumps(report, indent=1, default=float))  # default: numpy scalars
     paths["md"].write_text(render_markdown(report))
     if report.get("frames", {}).get("curves"):
@@ -268,7 +282,8 @@ def evaluate(
     scenes = dataclasses.replace(scenes or SceneSpec(), size=size or default_size,
                                  frames=frames or video["frames"])
     cfg = BenchConfig(scenes=scenes, **bench)
-    report = run_benchmark(cfg, predictors, generate, progress)
+    samples: dict = {}
+    report = run_benchmark(cfg, predictors, generate, progress, samples)
     if t2v is not None and "frames" in cfg.protocols and "id" in scenes.splits:
         from sora_jax.eval.conditioning_use import conditioning_use
 
@@ -276,7 +291,7 @@ def evaluate(
         in_dist = make_scenes(dataclasses.replace(scenes, splits=("id",), per_split=max(2, scenes.per_split)))
         report["conditioning_use"] = conditioning_use(t2v, in_dist, report["cond_latent_frames"], seed=cfg.seed)
     report["checkpoint"] = None if checkpoint is None else str(Path(checkpoint).absolute())
-    return report, write_report(report, out)
+    return report, write_report(report, out, samples)
 
 
 __all__ = ["BenchConfig", "ERROR_KEYS", "evaluate", "latent_aligned", "model_predictors", "run_benchmark",

@@ -1,9 +1,11 @@
-"""Markdown tables and the position-error plot of a `physics_bench` report."""
+"""Markdown tables, the position-error plot and the sample sheet of a `physics_bench` report."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+
+import numpy as np
 
 _FRAME_COLS = (
     ("count_acc", "count acc", "{:.2f}"), ("color_jaccard", "colour J", "{:.2f}"),
@@ -83,6 +85,11 @@ def render_markdown(report: dict) -> str:
         for sig, own, other, gap in zip(use["sigmas"], use["own"], use["other"], use["gap"]):
             lines.append(f"| {sig:g} | {own:.4f} | {other:.4f} | {gap:.4f} |")
         lines.append("")
+    sheet = report.get("samples")
+    if sheet:
+        lines += [f"`{sheet['file']}`: one in-distribution scene per family ({', '.join(sheet['scenes'])}), "
+                  f"rows {' / '.join(sheet['rows'])} per scene, frames left to right; the white bar follows "
+                  f"the {k} conditioning frames.", ""]
     text = report.get("text")
     if text:
         lines += ["## (b) Text-conditioned generation (captions of in-distribution multi scenes)", ""]
@@ -130,4 +137,25 @@ def plot_position_error(
     path = Path(path)
     fig.savefig(path)
     plt.close(fig)
+    return path
+
+
+def sample_sheet(samples: dict[str, dict[str, np.ndarray]], cond_frames: int, path: str | Path,
+                 gap: int = 2) -> Path:
+    """One PNG of every scene's rows (truth, then each method) with frames left to right.
+
+    Rows of a scene touch; scenes are `gap` px apart; a white bar `gap` px wide follows frame
+    `cond_frames - 1`, so what was given and what was predicted read apart at a glance.
+    """
+    from PIL import Image
+
+    blocks = []
+    for rows in samples.values():
+        for video in rows.values():
+            v = np.asarray(video, np.uint8)  # [frames, height, width, 3]
+            bar = np.full((v.shape[1], gap, 3), 255, np.uint8)
+            blocks.append(np.concatenate([*v[:cond_frames], bar, *v[cond_frames:]], axis=1))
+        blocks.append(np.zeros((gap, blocks[-1].shape[1], 3), np.uint8))
+    path = Path(path)
+    Image.fromarray(np.concatenate(blocks[:-1], axis=0)).save(path)
     return path
