@@ -227,7 +227,8 @@ def _phyworld_model_summary(rows: list[dict]) -> dict:
 
 def write_report(report: dict, out: str | Path, samples: dict | None = None) -> dict[str, Path]:
     """Writes report.json, report.md, position_error.png (if matplotlib is installed) and, given model
-    `samples` (see `frame_protocol`), samples.png under `out`; returns their paths."""
+    `samples` (see `frame_protocol`), samples.png under `out`, which `report["samples"]` then names;
+    returns the paths."""
     from sora_jax.eval.physics_report import plot_position_error, render_markdown, sample_sheet
 
     out = Path(out)
