@@ -24,6 +24,21 @@ VAE_SHARE, DIT_SHARE = 0.5, 0.38
 # load). The default step counts fill each stage's share of `minutes` at these rates, so that the
 # cosine schedule decays within the budget; on an accelerator pass vae_steps / dit_steps instead.
 VAE_STEPS_PER_MIN, DIT_STEPS_PER_MIN = 39.0, 90.0
+# DiT shape fields `dit_shape` may override: a width/depth sweep without a new named variant.
+DIT_SHAPE_FIELDS = ("num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim")
+
+
+def parse_dit_shape(text: str) -> dict[str, int]:
+    """Parse "num_layers=6,num_attention_heads=4" into DiT shape overrides (positive ints, known fields)."""
+    out: dict[str, int] = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in DIT_SHAPE_FIELDS:
+            raise ValueError(f"DiT shape item {item!r} must be FIELD=INT with FIELD one of {list(DIT_SHAPE_FIELDS)}")
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"DiT shape {key}={value!r} must be a positive integer")
+        out[key] = int(value)
+    return out
 
 
 def reference_configs(
@@ -34,13 +49,18 @@ def reference_configs(
     variant: str = "tiny",
     vae_steps: int | None = None,
     dit_steps: int | None = None,
+    dit_shape: str = "",
 ) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
-    """The VAE and DiT configs of a reference run with a total wall-time budget of `minutes`."""
+    """The VAE and DiT configs of a reference run with a total wall-time budget of `minutes`.
+
+    `dit_shape` ("num_layers=6,num_attention_heads=4,ffn_dim=512") overrides the variant's DiT shape.
+    """
     if minutes <= 0:
         raise ValueError(f"minutes must be > 0, got {minutes}; e.g. --minutes 90 on a 2-core CPU")
     for name, n in (("vae_steps", vae_steps), ("dit_steps", dit_steps)):
         if n is not None and n < 1:
             raise ValueError(f"{name} must be >= 1, got {n}; leave it out to size it from --minutes")
+    shape = parse_dit_shape(dit_shape)
     outdir = Path(outdir).absolute()
     vae = vae_configs.get_config(f"variant={variant},runlocal=True")
     dit = dit_configs.get_config(f"variant={variant},runlocal=True")
@@ -53,6 +73,7 @@ def reference_configs(
         c.train.progress = False
         c.train.log_every = 50
     vae.workdir, dit.workdir = str(outdir / "vae"), str(outdir / "dit")
+    dit.model.update(shape)
     dit.vae_workdir = vae.workdir
     vae.data.batch_size, vae.data.crop_size = 4, 32
     # 4x spatial compression instead of the variant's 8x: balls of radius 3-9 px survive a 16x16

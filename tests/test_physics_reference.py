@@ -34,3 +34,17 @@ def test_reference_explicit_steps_and_bad_input(tmp_path):
         reference_configs(tmp_path, 0)
     with pytest.raises(ValueError, match="dit_steps must be >= 1"):
         reference_configs(tmp_path, 10, dit_steps=0)
+
+
+def test_reference_dit_shape_overrides_reach_the_model(tmp_path):
+    from sora_jax.train.dit_trainer import dit_config_from
+
+    _, dit = reference_configs(tmp_path, 10, dit_shape="num_layers=6,num_attention_heads=4,ffn_dim=512")
+    cfg = dit_config_from(dit, channels=8, text_dim=384)
+    assert (cfg.num_layers, cfg.num_attention_heads, cfg.ffn_dim) == (6, 4, 512)
+    assert cfg.attention_head_dim == dit_config_from(reference_configs(tmp_path, 10)[1], channels=8,
+                                                     text_dim=384).attention_head_dim  # untouched field
+    for bad, msg in (("depth=6", "must be FIELD=INT"), ("num_layers", "must be FIELD=INT"),
+                     ("num_layers=0", "positive integer"), ("ffn_dim=big", "positive integer")):
+        with pytest.raises(ValueError, match=msg):
+            reference_configs(tmp_path, 10, dit_shape=bad)
