@@ -16,6 +16,7 @@ from configs import dit as dit_configs
 from configs import vae as vae_configs
 from sora_jax.data.physics import format_combos
 from sora_jax.eval.physics_scenes import HELD_OUT_COMBOS
+from sora_jax.models.dit import dit_config
 
 # Shares of the wall-time budget; the rest is data, latent caching and compiles. On CPU the VAE's
 # convs dominate and its reconstructions bound every pixel metric, so it gets the larger share.
@@ -61,6 +62,7 @@ def reference_configs(
         if n is not None and n < 1:
             raise ValueError(f"{name} must be >= 1, got {n}; leave it out to size it from --minutes")
     shape = parse_dit_shape(dit_shape)
+    dit_config(variant, **shape)  # fail here, before any training, on a shape the DiT rejects (RoPE bands)
     outdir = Path(outdir).absolute()
     vae = vae_configs.get_config(f"variant={variant},runlocal=True")
     dit = dit_configs.get_config(f"variant={variant},runlocal=True")

@@ -25,7 +25,8 @@ def main() -> None:
     p.add_argument("--variant", default="tiny", help="VAE/DiT variant (tiny on CPU; S/B on an accelerator)")
     p.add_argument("--vae-steps", type=int, default=None, help="VAE steps (default: sized from --minutes)")
     p.add_argument("--dit-steps", type=int, default=None, help="DiT steps (default: sized from --minutes)")
-    p.add_argument("--dit-shape", default="", help="DiT shape overrides, e.g. num_layers=6,num_attention_heads=4,ffn_dim=512")
+    p.add_argument("--dit-shape", default="", help="DiT shape overrides, e.g. num_layers=6,num_attention_heads=4,ffn_dim=512 "
+                   "(--minutes sizes steps at the tiny DiT's rate: pass --dit-steps with it)")
     a = p.parse_args()
     try:
         vae_cfg, dit_cfg = reference_configs(a.outdir, a.minutes, num_train=a.num_train, variant=a.variant,

@@ -45,6 +45,7 @@ def test_reference_dit_shape_overrides_reach_the_model(tmp_path):
     assert cfg.attention_head_dim == dit_config_from(reference_configs(tmp_path, 10)[1], channels=8,
                                                      text_dim=384).attention_head_dim  # untouched field
     for bad, msg in (("depth=6", "must be FIELD=INT"), ("num_layers", "must be FIELD=INT"),
-                     ("num_layers=0", "positive integer"), ("ffn_dim=big", "positive integer")):
+                     ("num_layers=0", "positive integer"), ("ffn_dim=big", "positive integer"),
+                     ("attention_head_dim=5", "head")):
         with pytest.raises(ValueError, match=msg):
             reference_configs(tmp_path, 10, dit_shape=bad)
