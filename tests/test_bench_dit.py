@@ -84,3 +84,46 @@ def test_profile_categories():
     assert _category("transpose_copy_fusion.8") == "copy / transpose"
     assert _category("while.3") is None and _category("ThunkExecutor::Execute") is None
     assert _category("add_multiply_fusion.2") == "other fusions (elementwise)"
+
+
+def test_accelerator_benchmark_runs_a_tiny_step_and_refuses_cpu(tmp_path):
+    import dataclasses
+    import math
+    import subprocess
+    import sys
+
+    import flax.linen as nn
+
+    from sora_jax.bench.dit_accel import AccelOptions, format_results, train_step_benchmark
+
+    opts = AccelOptions(variant="tiny", frames=5, height=32, width=32, batch=2, text_len=4, dtype="float32",
+                        attention="xla", remat="full", steps=2, warmup=1, peak_size=128, allow_cpu=True)
+    r = train_step_benchmark(opts)
+    json.dumps(r)  # the script writes it as JSON
+    assert r["latent_grid"] == [2, 4, 4] and r["tokens"] == 2 * 2 * 2
+    cfg = dit_config("tiny")
+    abstract = jax.eval_shape(DiT(cfg).init, jax.random.key(0), jnp.zeros((1, 1, 2, 2, 16)), jnp.zeros((1,)),
+                              jnp.zeros((1, 1, cfg.text_dim)))
+    assert r["params"] == sum(math.prod(a.shape) for a in jax.tree_util.tree_leaves(nn.unbox(abstract)))
+    assert len(r["step_times_s"]) == 2 and len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"])
+    assert r["model_flops_per_step"] == dit_flops(cfg, 2, 8, 4)["train_step"]
+    assert r["achieved_flops_per_s"] == pytest.approx(r["model_flops_per_step"] / r["step_median_s"])
+    assert r["mfu_vs_measured_matmul"] == pytest.approx(r["achieved_flops_per_s"] / r["matmul_peak"]["flops_per_s"])
+    assert r["mfu_vs_datasheet"] is None  # a CPU has no entry in the datasheet table
+    table = format_results([r, {"options": dataclasses.asdict(opts), "error": "out of memory"}])
+    assert "| tiny | 5x32x32 (2x4x4) | 8 x 2 |" in table and "failed: out of memory" in table
+    with pytest.raises(ValueError, match="needs a GPU or TPU"):
+        train_step_benchmark(dataclasses.replace(opts, allow_cpu=False))
+    with pytest.raises(ValueError, match="4k\\+1"):
+        AccelOptions(frames=80).latent_grid()
+    assert AccelOptions().tokens == 21 * 30 * 52  # Wan2.1's 81x480x832 video: 32760 tokens
+    # The script on CPU: every configuration fails in its own process, and it says so in one line.
+    out = tmp_path / "accel.json"
+    proc = subprocess.run([sys.executable, "scripts/bench_dit_accel.py", "--variant", "tiny", "--video", "5", "32",
+                           "32", "--steps", "1", "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: every configuration")
+    assert "needs a GPU or TPU" in json.loads(out.read_text())["runs"][0]["error"]
+    bad = subprocess.run([sys.executable, "scripts/bench_dit_accel.py", "--video", "80", "480", "832"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [bad.stderr.strip().splitlines()[-1]]
+    assert "frames must be 4k+1" in bad.stderr
