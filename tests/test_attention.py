@@ -214,6 +214,15 @@ def test_cudnn_matches_reference_on_gpu(q_len, kv_len, mask_kind, dtype):
 
 
 @gpu_only
+def test_cudnn_refuses_non_trailing_mask_loudly_on_gpu():
+    # cuDNN sees key padding as lengths: a mask with a hole would be misread, so that example is NaN.
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(64, 64, heads=2, head_dim=64))
+    mask = jnp.ones((2, 64), bool).at[1, 10].set(False)
+    out = np.asarray(attention(q, k, v, mask, backend="cudnn"), np.float32)
+    assert np.isnan(out[1]).all() and np.isfinite(out[0]).all()
+
+
+@gpu_only
 def test_dit_cudnn_matches_xla_on_gpu():
     # The whole tiny DiT in bf16 with cuDNN attention against the same bf16 model with XLA's.
     cfg = dit_config("tiny", num_layers=2, dtype=jnp.bfloat16, attention="xla")

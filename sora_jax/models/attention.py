@@ -5,7 +5,8 @@ k/v [batch, kv_len, heads, head_dim] and an optional key-padding mask [batch, kv
 
 Backends:
   xla        jax.nn.dot_product_attention lowered by XLA (any platform).
-  cudnn      cuDNN fused attention (GPU only).
+  cudnn      cuDNN fused attention (GPU only; bf16/fp16). Key padding must be trailing (as text
+             and batched videos are padded); an example with any other mask comes back NaN.
   splash     TPU Pallas splash attention (TPU only; Pallas interpret mode elsewhere, for tests).
   blockwise  flash-style online softmax over key/value blocks with `lax.scan` and a hand-written
              backward pass: O(length) memory on any platform.
@@ -86,9 +87,27 @@ def _xla(q: Array, k: Array, v: Array, mask: Array | None, opts: AttentionOption
 
 
 def _cudnn(q: Array, k: Array, v: Array, mask: Array | None, opts: AttentionOptions) -> Array:
-    """cuDNN fused attention (NVIDIA GPU only; bf16/fp16 inputs)."""
+    """cuDNN fused attention (NVIDIA GPU only; bf16/fp16 inputs; key padding must be trailing)."""
     _require_platform("cudnn", "gpu")
-    return jax.nn.dot_product_attention(q, k, v, mask=_padding_mask_4d(mask), implementation="cudnn")
+    batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
+    # cuDNN's training kernels reject odd sequence lengths: pad to even; padded keys lie beyond
+    # the per-example key lengths below, padded queries are sliced off.
+    q_even, kv_even = q_len + q_len % 2, kv_len + kv_len % 2
+    keep = jnp.ones((batch, kv_len), bool) if mask is None else mask.astype(bool)
+    lengths = jnp.sum(keep, axis=-1, dtype=jnp.int32)  # [batch]
+    # A key-padding mask reaches cuDNN as lengths, not as a bias: its bias must be a full
+    # [batch, heads, q_len, kv_len] array, which at video lengths is gigabytes per layer.
+    use_lengths = mask is not None or kv_even != kv_len
+    out = jax.nn.dot_product_attention(
+        _pad_axis(q, 1, q_even), _pad_axis(k, 1, kv_even), _pad_axis(v, 1, kv_even),
+        key_value_seq_lengths=lengths if use_lengths else None, implementation="cudnn",
+    )[:, :q_len]  # [batch, q_len, heads, head_dim]
+    if mask is None:
+        return out
+    # Lengths are exact for trailing padding (how tokenised text and batched videos are padded);
+    # any other mask would be misread silently, so its examples come back as NaN instead.
+    trailing = jnp.all(keep == (jnp.arange(kv_len)[None, :] < lengths[:, None]), axis=-1)  # [batch]
+    return jnp.where(trailing[:, None, None, None], out, jnp.nan).astype(out.dtype)
 
 
 def _reference(
