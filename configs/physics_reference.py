@@ -51,21 +51,28 @@ def reference_configs(
     vae_steps: int | None = None,
     dit_steps: int | None = None,
     dit_shape: str = "",
+    dit_variant: str | None = None,
+    dit_lr: float | None = None,
 ) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
     """The VAE and DiT configs of a reference run with a total wall-time budget of `minutes`.
 
-    `dit_shape` ("num_layers=6,num_attention_heads=4,ffn_dim=512") overrides the variant's DiT shape.
+    `dit_variant` (default `variant`) sizes the DiT alone, so a bigger DiT can train on an existing
+    run's VAE and latent cache; `dit_shape` ("num_layers=6,num_attention_heads=4,ffn_dim=512")
+    overrides its shape; `dit_lr` its peak learning rate.
     """
     if minutes <= 0:
         raise ValueError(f"minutes must be > 0, got {minutes}; e.g. --minutes 90 on a 2-core CPU")
     for name, n in (("vae_steps", vae_steps), ("dit_steps", dit_steps)):
         if n is not None and n < 1:
             raise ValueError(f"{name} must be >= 1, got {n}; leave it out to size it from --minutes")
+    if dit_lr is not None and not dit_lr > 0:
+        raise ValueError(f"dit_lr must be > 0, got {dit_lr}; e.g. --dit-lr 2e-4")
+    dit_variant = dit_variant or variant
     shape = parse_dit_shape(dit_shape)
-    dit_config(variant, **shape)  # fail here, before any training, on a shape the DiT rejects (RoPE bands)
+    dit_config(dit_variant, **shape)  # fail here, before any training, on a variant/shape the DiT rejects
     outdir = Path(outdir).absolute()
     vae = vae_configs.get_config(f"variant={variant},runlocal=True")
-    dit = dit_configs.get_config(f"variant={variant},runlocal=True")
+    dit = dit_configs.get_config(f"variant={dit_variant},runlocal=True")
     for c in (vae, dit):
         c.data.dir = str(outdir / "data")
         c.data.num_train = num_train
@@ -76,6 +83,8 @@ def reference_configs(
         c.train.log_every = 50
     vae.workdir, dit.workdir = str(outdir / "vae"), str(outdir / "dit")
     dit.model.update(shape)
+    if dit_lr is not None:
+        dit.optim.lr = dit_lr
     dit.vae_workdir = vae.workdir
     vae.data.batch_size, vae.data.crop_size = 4, 32
     # 4x spatial compression instead of the variant's 8x: balls of radius 3-9 px survive a 16x16

@@ -27,11 +27,15 @@ def main() -> None:
     p.add_argument("--dit-steps", type=int, default=None, help="DiT steps (default: sized from --minutes)")
     p.add_argument("--dit-shape", default="", help="DiT shape overrides, e.g. num_layers=6,num_attention_heads=4,ffn_dim=512 "
                    "(--minutes sizes steps at the tiny DiT's rate: pass --dit-steps with it)")
+    p.add_argument("--dit-variant", default=None,
+                   help="DiT variant if not --variant's, e.g. S on a GPU over a tiny run's VAE (pass --dit-steps)")
+    p.add_argument("--dit-lr", type=float, default=None, help="DiT peak learning rate (default: the variant's)")
     a = p.parse_args()
     try:
         vae_cfg, dit_cfg = reference_configs(a.outdir, a.minutes, num_train=a.num_train, variant=a.variant,
                                              vae_steps=a.vae_steps, dit_steps=a.dit_steps,
-                                             dit_shape=a.dit_shape)
+                                             dit_shape=a.dit_shape, dit_variant=a.dit_variant,
+                                             dit_lr=a.dit_lr)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     t0 = time.perf_counter()

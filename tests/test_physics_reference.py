@@ -49,3 +49,18 @@ def test_reference_dit_shape_overrides_reach_the_model(tmp_path):
                      ("attention_head_dim=5", "head")):
         with pytest.raises(ValueError, match=msg):
             reference_configs(tmp_path, 10, dit_shape=bad)
+
+
+def test_reference_dit_variant_and_lr_size_the_dit_alone(tmp_path):
+    from sora_jax.train.dit_trainer import dit_config_from
+
+    vae, dit = reference_configs(tmp_path, 10, dit_variant="S", dit_lr=2e-4)
+    tiny_vae, _ = reference_configs(tmp_path, 10)
+    assert vae.to_dict() == tiny_vae.to_dict()  # the VAE (and so its latent cache) is the tiny run's
+    cfg = dit_config_from(dit, channels=8, text_dim=384)
+    assert (cfg.num_layers, cfg.num_attention_heads, cfg.attention_head_dim) == (12, 6, 64)
+    assert dit.optim.lr == 2e-4 and dit.vae_workdir == vae.workdir
+    with pytest.raises(ValueError, match="unknown DiT variant 'XL'"):
+        reference_configs(tmp_path, 10, dit_variant="XL")
+    with pytest.raises(ValueError, match="dit_lr must be > 0"):
+        reference_configs(tmp_path, 10, dit_lr=0.0)
