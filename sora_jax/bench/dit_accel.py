@@ -94,7 +94,7 @@ def train_step_benchmark(opts: AccelOptions) -> dict[str, Any]:
     """Compile and time one configuration's donated AdamW train step; a JSON-able dict."""
     import flax.linen as nn
 
-    from sora_jax.bench.dit_speed import dit_flops, jax_fns
+    from sora_jax.bench.dit_speed import BenchOptions, dit_flops, jax_fns, make_inputs
     from sora_jax.models.dit import DiT, dit_config
 
     dtype = jnp.dtype(opts.dtype)
@@ -103,14 +103,7 @@ def train_step_benchmark(opts: AccelOptions) -> dict[str, Any]:
     device = jax.devices()[0]
     if device.platform == "cpu" and not opts.allow_cpu:
         raise ValueError("this benchmark needs a GPU or TPU but JAX runs on cpu; on CPU use scripts/bench_dit.py")
-    rng = np.random.default_rng(0)
-    batch = {
-        "latents": rng.standard_normal((opts.batch, *grid, cfg.in_channels), dtype=np.float32),
-        "timesteps": rng.uniform(0, 1000, (opts.batch,)).astype(np.float32),
-        "text": rng.standard_normal((opts.batch, opts.text_len, cfg.text_dim), dtype=np.float32),
-        "target": rng.standard_normal((opts.batch, *grid, cfg.out_channels), dtype=np.float32),
-    }
-    batch = jax.device_put(batch)
+    batch = jax.device_put(make_inputs(BenchOptions(grid=grid, batch=opts.batch, text_len=opts.text_len), cfg))
     fns = jax_fns(cfg, lr=1e-4, weight_decay=0.01)
     # Parameters do not depend on the grid: initialise from a 1-token example, on the device.
     small = (jnp.zeros((1, 1, 2, 2, cfg.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 1, cfg.text_dim)))
