@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sora_jax.bench.harness import run_in_fresh_process
+from sora_jax.bench.harness import interleaved, run_in_fresh_process, summarize
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, FLOP/s, by device_kind.
 DATASHEET_BF16_PEAK = {
@@ -80,14 +80,8 @@ def matmul_peak(n: int, dtype: str = "bfloat16", repeats: int = 50) -> dict[str,
     rng = np.random.default_rng(0)
     a, b = (jnp.asarray(rng.standard_normal((n, n), dtype=np.float32), dtype=dtype) for _ in range(2))
     mm = jax.jit(jnp.matmul).lower(a, b).compile()
-    for _ in range(3):
-        mm(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mm(a, b).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return {"n": n, "dtype": dtype, "median_s": statistics.median(times), "flops_per_s": 2.0 * n**3 / statistics.median(times)}
+    timing = summarize(interleaved({"mm": lambda: mm(a, b).block_until_ready()}, repeats, warmup=3)["mm"])
+    return {"n": n, "dtype": dtype, "median_s": timing["median_s"], "flops_per_s": 2.0 * n**3 / timing["median_s"]}
 
 
 def train_step_benchmark(opts: AccelOptions) -> dict[str, Any]:
