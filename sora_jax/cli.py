@@ -149,6 +149,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "ground truth, copy-last, no-gravity re-simulation and another clip; errors also "
                                    "as multiples of the parse floor. Writes report.json/.md, position_error.png and samples.png.")
     e.add_argument("--checkpoint", help="DiT run directory to evaluate (default: baselines only)")
+    e.add_argument("--vae", help="VAE run directory: score the true clips through it (encode, decode) as the "
+                                  "vae_roundtrip row, the ceiling it puts on a DiT (default: the checkpoint's VAE)")
     e.add_argument("--out", default="outputs/eval_physics", help="folder for report.json, report.md, position_error.png, samples.png")
     e.add_argument("--per-split", type=int, default=8, help="scenes per family and split")
     e.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated subset of {','.join(FAMILIES)}")
@@ -175,7 +177,7 @@ def _eval_physics(a) -> None:
         return tuple(x.strip() for x in arg.split(",") if x.strip())
 
     scenes = SceneSpec(families=names(a.families), splits=names(a.splits), per_split=a.per_split, seed=a.seed)
-    report, paths = evaluate(a.checkpoint, a.out, scenes=scenes, size=a.size, frames=a.frames, steps=a.steps,
+    report, paths = evaluate(a.checkpoint, a.out, vae=a.vae, scenes=scenes, size=a.size, frames=a.frames, steps=a.steps,
                              guidance=a.guidance, cond_frames=a.cond_frames, protocols=names(a.protocols),
                              text_prompts=a.text_prompts, phyworld_scenes=a.phyworld_scenes,
                              phyworld_size=a.phyworld_size, seed=a.seed,

@@ -51,6 +51,7 @@ def test_parse_floor_on_rendered_ground_truth(scenes):
     for scene in scenes:
         m = clip_metrics(scene["video"], scene, K)
         assert m["count_acc"] == 1.0 and m["color_jaccard"] == 1.0 and m["miss_rate"] == 0.0
+        assert m["count_over"] == m["count_under"] == 0.0
         assert 0 < m["pos_err_px"] < 0.03, (scene["family"], m["pos_err_px"])
         assert m["vel_err_px"] < 0.05 and m["area_drift"] < 0.01 and m["flicker"] < 1e-6
         if scene["gravity_px"] > 0:
@@ -71,6 +72,7 @@ def test_empty_frames(scenes):
     pred[K:] = np.array(BACKGROUND, np.uint8)
     m = clip_metrics(pred, scene, K)
     assert m["count_acc"] == 0.0 and m["miss_rate"] == 1.0 and m["color_jaccard"] == 0.0
+    assert m["count_under"] == 1.0 and m["count_over"] == 0.0
     assert np.isnan(m["pos_err_px"]) and np.isnan(m["g_hat"])
     # A black frame scores well on full-frame PSNR of a sparse scene, not on foreground PSNR.
     assert m["fg_psnr"] < m["psnr"] - 5
@@ -83,6 +85,7 @@ def test_missing_and_extra_ball(scenes):
     missing = render(pos[:, 1:n], radii[1:n], colors[1:n], size)
     m = clip_metrics(missing, scene, K)
     assert m["count_acc"] == 0.0 and m["miss_rate"] == pytest.approx(1 / n)
+    assert m["count_under"] == 1.0 and m["count_over"] == 0.0
     assert m["pos_err_px"] < 0.05  # the balls that are there are where they should be
     assert m["color_jaccard"] == pytest.approx((n - 1) / n)
     extra_colour = next(c for c in range(6) if c not in colors[:n])
@@ -91,6 +94,7 @@ def test_missing_and_extra_ball(scenes):
     extra = render(extra_pos, np.append(radii[:n], 3.0), np.append(colors[:n], extra_colour), size)
     m = clip_metrics(extra, scene, K)
     assert m["count_acc"] == 0.0 and m["miss_rate"] <= 0.2
+    assert m["count_over"] + m["count_under"] == 1.0 and m["count_over"] >= 0.8  # the ball may hide behind another
     assert m["color_jaccard"] < 1.0
 
 
@@ -169,7 +173,7 @@ def test_cli_eval_physics_on_tiny_checkpoint(tiny_runs, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["cond_pixel_frames"] == 1
     by_split = report["frames"]["by_split"]
-    assert {"model/id", "ground_truth/id", "copy_last/id", "resim_no_gravity/id"} <= set(by_split)
+    assert {"model/id", "vae_roundtrip/id", "ground_truth/id", "copy_last/id", "resim_no_gravity/id"} <= set(by_split)
     assert by_split["model/id"]["clips"] == 1 and report["text"]["model"]["clips"] == 1
     assert len(report["frames"]["curves"]["copy_last"]) == 4  # 5 frames, 1 given
     assert (out / "position_error.png").stat().st_size > 1000
@@ -177,13 +181,14 @@ def test_cli_eval_physics_on_tiny_checkpoint(tiny_runs, tmp_path, capsys):
     use = report["conditioning_use"]  # 2 parabola scenes (at least two, to swap frames between)
     assert use["scenes"] == 2 and use["k_latent"] == 1 and len(use["own"]) == len(use["sigmas"]) == 5
     assert "Does the model use its conditioning frames?" in (out / "report.md").read_text()
-    assert report["samples"] == {"file": "samples.png", "scenes": ["parabola/id"], "rows": ["truth", "model"]}
+    assert report["samples"] == {"file": "samples.png", "scenes": ["parabola/id"],
+                                 "rows": ["truth", "vae_roundtrip", "model"]}
     from PIL import Image
 
     sheet = np.asarray(Image.open(out / "samples.png"))
     video = json.loads((tiny_runs["root"] / "dit" / "run.json").read_text())["video"]
     h, w = (video["size"],) * 2 if isinstance(video["size"], int) else video["size"]
-    assert sheet.shape == (2 * h, video["frames"] * w + 2, 3)  # truth and model rows; the bar after 1 given frame
+    assert sheet.shape == (3 * h, video["frames"] * w + 2, 3)  # truth, roundtrip, model; the bar after 1 given frame
     assert (sheet[:, w:w + 2] == 255).all() and "samples.png" in (out / "report.md").read_text()
     capsys.readouterr()
     assert main(["eval-physics", "--out", str(out), "--families", "tennis"]) != 0
@@ -191,6 +196,48 @@ def test_cli_eval_physics_on_tiny_checkpoint(tiny_runs, tmp_path, capsys):
     assert len(err) == 1 and "tennis" in err[0]
     assert main(["eval-physics", "--out", str(out), "--cond-frames", "17", "--phyworld-scenes", "0"]) != 0
     assert "none left to predict" in capsys.readouterr().err
+
+
+def test_vae_roundtrip_is_the_whole_clip_through_the_vae(tiny_runs):
+    """The VAE-ceiling predictor decodes the training latents of the true clip, as one unchunked pass does."""
+    from sora_jax.data.pipeline import uint8_to_float
+    from sora_jax.eval.physics_bench import vae_roundtrip_predictor
+    from sora_jax.models.vae import CausalVAE
+    from sora_jax.pipeline import TextToVideo
+
+    t2v = TextToVideo.load(tiny_runs["dit_cfg"].workdir)
+    video = t2v.defaults["video"]
+    scene = make_scenes(SceneSpec(families=("parabola",), splits=("id",), per_split=1, size=video["size"],
+                                  frames=video["frames"]))[0]
+    got = vae_roundtrip_predictor(t2v.vae, t2v.vae_params)(scene, 1)
+    assert got.dtype == np.uint8 and got.shape == scene["video"].shape
+    x = jax.numpy.asarray(uint8_to_float(scene["video"]))[None]
+    mean, _ = t2v.vae.apply(t2v.vae_params, x, method=CausalVAE.encode)
+    want = np.asarray(t2v.vae.apply(t2v.vae_params, mean, method=CausalVAE.decode))[0]
+    want = np.clip(np.round((want + 1.0) * 127.5), 0, 255)
+    # Chunked against whole-clip convolutions: float32 reassociation moves a value by at most one level.
+    assert np.abs(got.astype(np.int32) - want).max() <= 1
+    assert np.mean(got != scene["video"]) > 0.01  # a real (lossy) codec, not the clip passed through
+
+
+def test_cli_eval_physics_scores_a_vae_alone(tiny_runs, tmp_path, capsys):
+    """--vae without a DiT: baselines plus the VAE-ceiling row, its sample sheet; a bad folder is one line."""
+    from sora_jax.cli import main
+
+    out = tmp_path / "vae_only"
+    rc = main(["eval-physics", "--vae", str(tiny_runs["root"] / "vae"), "--out", str(out), "--per-split", "1",
+               "--families", "uniform", "--splits", "id", "--cond-frames", "1", "--protocols", "frames",
+               "--phyworld-scenes", "0", "--size", "32", "--frames", "5"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    rt, truth = report["frames"]["by_split"]["vae_roundtrip/id"], report["frames"]["by_split"]["ground_truth/id"]
+    assert rt["clips"] == 1 and rt["psnr"] < truth["psnr"]  # lossy: below the true clip's own score
+    assert report["vae"].endswith("vae") and report["checkpoint"] is None and "model/id" not in report["frames"]["by_split"]
+    assert report["samples"]["rows"] == ["truth", "vae_roundtrip"]
+    capsys.readouterr()
+    assert main(["eval-physics", "--vae", str(tmp_path), "--out", str(out), "--phyworld-scenes", "0"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vae_config.json" in err[0]
 
 
 def test_conditioning_use_on_tiny_checkpoint(tiny_runs):

@@ -6,6 +6,10 @@ j, so K is rounded up to a whole number of latent frames, 4j+1 pixel frames (K=4
 frames); baselines get the same K. Protocol "text" (b): generate from each scene's caption alone and
 score count, colours and the described ball's direction, plus ĝ, area drift and flicker.
 
+With a checkpoint (or `vae=`, a VAE run alone), "vae_roundtrip" (the true clip encoded and decoded by
+the VAE) is scored beside the model: the best any DiT on that VAE can do, which splits the model's
+error into the VAE's share and the DiT's.
+
 Every error is also reported as a multiple of the parse floor: the same metric on the true clips.
 Outputs: report.json (everything), report.md (tables), position_error.png (error vs time).
 """
@@ -81,6 +85,26 @@ def model_predictors(checkpoint: Any, *, steps: int | None = None, guidance: flo
                          for i, p in enumerate(prompts)])
 
     return predict, generate, dict(t2v.defaults["video"])
+
+
+def vae_roundtrip_predictor(vae: Any, params: Any) -> Predictor:
+    """The true clip through a VAE (`CausalVAE`, params): encoded to its posterior mean and decoded, as
+    the DiT's training latents are made and its samples decoded. Its scores are those of a DiT that
+    predicted the true latents exactly: the ceiling this VAE puts on any model trained on it."""
+    import jax.numpy as jnp
+
+    from sora_jax.data.pipeline import uint8_to_float
+    from sora_jax.data.video import to_uint8
+    from sora_jax.models.vae_codec import VideoCodec
+
+    codec = VideoCodec(vae, chunked=True)  # what the pipeline encodes and decodes with
+
+    def predict(scene: dict, k: int) -> np.ndarray:
+        # The latent normalization cancels between encode and decode, so it is left out.
+        mean, _ = codec.encode(params, jnp.asarray(uint8_to_float(np.asarray(scene["video"])))[None])
+        return to_uint8(np.asarray(codec.decode(params, mean))[0])
+
+    return predict
 
 
 def _row(metrics: dict, scene: dict, method: str) -> dict:
@@ -255,6 +279,7 @@ def evaluate(
     checkpoint: str | Path | None,
     out: str | Path,
     *,
+    vae: str | Path | None = None,
     scenes: SceneSpec | None = None,
     size: int | None = None,
     frames: int | None = None,
@@ -266,9 +291,17 @@ def evaluate(
     """The whole `sora-jax eval-physics` run: load the checkpoint (if any), benchmark, write the report.
 
     Scenes take the checkpoint's video size and length unless `size`/`frames` are given (64 x 17
-    without a checkpoint); `bench` holds the other `BenchConfig` fields.
+    without a checkpoint); `bench` holds the other `BenchConfig` fields. The "vae_roundtrip" row scores
+    the true clips through `vae` (a VAE run directory), or else through the checkpoint's VAE.
     """
     predictors, generate, video, t2v = {}, None, {"size": 64, "frames": 17}, None
+    if vae is not None:
+        from sora_jax.train.vae_trainer import VAE_CONFIG_FILE, load_vae
+
+        if not (Path(vae) / VAE_CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"--vae {vae} has no {VAE_CONFIG_FILE}; pass a VAE run directory "
+                                    "(e.g. runs/ref/vae from scripts/train_reference.py)")
+        predictors["vae_roundtrip"] = vae_roundtrip_predictor(*load_vae(vae))
     if checkpoint is not None:
         if not Path(checkpoint).is_dir():
             raise FileNotFoundError(f"checkpoint {checkpoint} is not a folder; pass a DiT run directory "
@@ -278,6 +311,8 @@ def evaluate(
         t2v = TextToVideo.from_pretrained(checkpoint)
         predict, generate, video = model_predictors(t2v, steps=steps, guidance=guidance,
                                                     seed=int(bench.get("seed", 0)))
+        if vae is None:  # before the model, so that the tables read truth -> VAE ceiling -> model
+            predictors["vae_roundtrip"] = vae_roundtrip_predictor(t2v.vae, t2v.vae_params)
         predictors["model"] = predict
     default_size = video["size"] if isinstance(video["size"], int) else video["size"][0]
     scenes = dataclasses.replace(scenes or SceneSpec(), size=size or default_size,
@@ -292,8 +327,9 @@ def evaluate(
         in_dist = make_scenes(dataclasses.replace(scenes, splits=("id",), per_split=max(2, scenes.per_split)))
         report["conditioning_use"] = conditioning_use(t2v, in_dist, report["cond_latent_frames"], seed=cfg.seed)
     report["checkpoint"] = None if checkpoint is None else str(Path(checkpoint).absolute())
+    report["vae"] = None if vae is None else str(Path(vae).absolute())
     return report, write_report(report, out, samples)
 
 
 __all__ = ["BenchConfig", "ERROR_KEYS", "evaluate", "latent_aligned", "model_predictors", "run_benchmark",
-           "write_report"]
+           "vae_roundtrip_predictor", "write_report"]

@@ -197,6 +197,10 @@ def clip_metrics(
     return {
         "n": n,
         "count_acc": float(np.mean(got["count"][k0:] == n)),
+        # Which way the count is wrong: extra blobs (a ball torn apart, a ghost) or too few (a ball lost
+        # or two fused into one blob of a colour).
+        "count_over": float(np.mean(got["count"][k0:] > n)),
+        "count_under": float(np.mean(got["count"][k0:] < n)),
         "color_jaccard": float(np.mean([_jaccard(c, ref_colours) for c in got["colors"][k0:]])),
         "area_drift": _nanmean(drift),
         "pos_err_px": _nanmean(err),
@@ -248,6 +252,8 @@ def text_metrics(video: np.ndarray, caption: str, *, dt: float, gravity_px: floa
     return {
         "n": want_n,
         "count_acc": float(np.mean(got["count"] == want_n)),
+        "count_over": float(np.mean(got["count"] > want_n)),
+        "count_under": float(np.mean(got["count"] < want_n)),
         "color_jaccard": float(np.mean([_jaccard(c, want) for c in got["colors"]])),
         "direction_acc": direction_ok,
         "area_drift": _nanmean(np.abs(area[1:] / area[:1] - 1.0)),

@@ -8,14 +8,16 @@ from pathlib import Path
 import numpy as np
 
 _FRAME_COLS = (
-    ("count_acc", "count acc", "{:.2f}"), ("color_jaccard", "colour J", "{:.2f}"),
+    ("count_acc", "count acc", "{:.2f}"), ("count_over", "count >n", "{:.2f}"),
+    ("count_under", "count <n", "{:.2f}"), ("color_jaccard", "colour J", "{:.2f}"),
     ("area_drift", "area drift", "{:.3f}"), ("pos_err_px", "pos err px", "{:.2f}"),
     ("miss_rate", "miss", "{:.2f}"), ("vel_err_px", "vel err px/frame", "{:.2f}"),
     ("g_rel_err", "ĝ rel err", "{:.3f}"), ("momentum_change", "Δp", "{:.3f}"),
     ("energy_change", "ΔE", "{:.3f}"), ("flicker", "flicker", "{:.2f}"), ("psnr", "PSNR", "{:.1f}"),
     ("ssim", "SSIM", "{:.3f}"), ("fg_psnr", "fg PSNR", "{:.1f}"),
 )
-_TEXT_COLS = (("count_acc", "count acc", "{:.2f}"), ("color_jaccard", "colour J", "{:.2f}"),
+_TEXT_COLS = (("count_acc", "count acc", "{:.2f}"), ("count_over", "count >n", "{:.2f}"),
+              ("count_under", "count <n", "{:.2f}"), ("color_jaccard", "colour J", "{:.2f}"),
               ("direction_acc", "direction acc", "{:.2f}"), ("g_hat", "ĝ px/s²", "{:.1f}"),
               ("g_rel_err", "ĝ rel err", "{:.2f}"), ("area_drift", "area drift", "{:.3f}"),
               ("flicker", "flicker", "{:.2f}"))
@@ -59,12 +61,13 @@ def render_markdown(report: dict) -> str:
         lines += _table(frames["by_split"], "method / split", _FRAME_COLS) + [""]
         lines += ["### Position error by family", ""]
         lines += _table(frames["by_family"], "method / family / split",
-                        [c for c in _FRAME_COLS if c[0] in ("count_acc", "pos_err_px", "miss_rate", "vel_err_px",
+                        [c for c in _FRAME_COLS if c[0] in ("count_acc", "count_over", "count_under", "pos_err_px",
+                                                            "miss_rate", "vel_err_px",
                                                             "g_rel_err", "momentum_change", "energy_change")])
         lines += ["", "### By object count (in distribution)", ""]
         lines += _table(frames["by_count"], "method / balls",
-                        [c for c in _FRAME_COLS if c[0] in ("count_acc", "color_jaccard", "pos_err_px", "miss_rate",
-                                                            "vel_err_px")])
+                        [c for c in _FRAME_COLS if c[0] in ("count_acc", "count_over", "count_under",
+                                                            "color_jaccard", "pos_err_px", "miss_rate", "vel_err_px")])
         if frames.get("phyworld"):
             lines += ["", "### PhyWorld velocity error on the uniform family (10-unit world)", "",
                       "| method / split | abs(mean v̂x − v0) (units/s) | × ground truth |", "|---|---|---|"]
