@@ -129,6 +129,10 @@ def test_text_metrics_score_caption_against_clip(scenes):
     scene = next(s for s in scenes if s["family"] == "multi")
     m = text_metrics(scene["video"], scene["caption"], dt=scene["dt"], gravity_px=scene["gravity_px"])
     assert m["count_acc"] == 1.0 and m["color_jaccard"] == 1.0 and m["g_rel_err"] < 0.05
+    assert m["count_over"] == m["count_under"] == 0.0
+    blank = np.broadcast_to(np.array(BACKGROUND, np.uint8), scene["video"].shape)
+    empty = text_metrics(blank, scene["caption"], dt=scene["dt"], gravity_px=scene["gravity_px"])
+    assert empty["count_under"] == 1.0 and empty["count_over"] == 0.0 and empty["count_acc"] == 0.0
     mirrored = scene["video"][:, :, ::-1]
     flipped = text_metrics(mirrored, scene["caption"], dt=scene["dt"], gravity_px=scene["gravity_px"])
     if " to the " in scene["caption"]:
