@@ -50,7 +50,10 @@ def main() -> None:
                "vae_parse_error_px": vae.get("parse_error_px"),
                "vae_parse_miss_rate": vae.get("parse_miss_rate"),
                "vae_parse_spurious_per_frame": vae.get("parse_spurious_per_frame"), "dit_steps": dit["step"],
-               "dit_final_loss": dit["final"].get("loss"), "vae_s": t1 - t0, "dit_s": t2 - t1}
+               "dit_final_loss": dit["final"].get("loss"), "vae_s": t1 - t0, "dit_s": t2 - t1,
+               # Fixed-noise losses on held-out vs training clips at the last evaluation.
+               "dit_eval": {k: v for k, v in (dit["eval_history"] or [{}])[-1].items()
+                            if k in ("step", "eval/loss", "eval_train/loss")}}
     print(json.dumps(summary, default=float), flush=True)
     print(f"next: sora-jax eval-physics --checkpoint {dit_cfg.workdir} --out {a.outdir}/bench")
 

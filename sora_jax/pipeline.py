@@ -32,7 +32,7 @@ from sora_jax.models.vae_codec import VideoCodec, decode_latents
 from sora_jax.train import checkpoint
 from sora_jax.train.dit_trainer import DIT_CONFIG_FILE, RUN_FILE, null_text
 from sora_jax.train.setup import dataclass_from_json, on_one_device
-from sora_jax.train.vae_trainer import load_vae
+from sora_jax.train.vae_trainer import load_vae, load_vae_at
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -112,7 +112,14 @@ class TextToVideo:
         """Load a DiT run (and the VAE run it was trained on) from its work directory."""
         dit_workdir = Path(dit_workdir).absolute()
         run = checkpoint.read_json(dit_workdir / RUN_FILE)
-        vae, vae_params = load_vae(run["vae_workdir"])
+        # The VAE step the DiT trained on (runs from before it was recorded: the newest), and only
+        # those weights: a VAE folder since replaced or trained on would decode the wrong latents.
+        vae, vae_params, vae_id = load_vae_at(run["vae_workdir"], run.get("vae_step"))
+        if run.get("vae_params") not in (None, vae_id["vae_params"]):
+            raise checkpoint.CheckpointError(
+                f"the VAE in {run['vae_workdir']} at step {vae_id['vae_step']} is not the one this DiT was trained "
+                f"on (weights {vae_id['vae_params']}, run.json says {run['vae_params']}); point vae_workdir in "
+                f"{dit_workdir / RUN_FILE} at that VAE's run folder")
         text_encoder = load_text_encoder(run["text_encoder_dir"] or None, max_length=run["text_max_length"])
         dit_cfg, params = _restore_dit(dit_workdir, run["text_max_length"])
         return cls(vae, vae_params, dit_cfg, params, text_encoder, run)

@@ -80,7 +80,8 @@ def _train_tiny_runs(root):
                                 "--config.sample.steps=2",
                                 # Held-out losses after both steps, sample videos after the last.
                                 "--config.train.eval_every=1", "--config.train.sample_every=2",
-                                "--config.eval.num_clips=8", "--config.eval.videos=2"],
+                                "--config.eval.num_clips=8", "--config.eval.videos=2",
+                                "--config.eval.train_clips=8"],
     )
     dit_out = train_dit(dit_cfg)
     # Runs that tests derive from this config (other objectives, other data) skip the periodic

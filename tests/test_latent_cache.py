@@ -127,3 +127,72 @@ def test_real_video_cache_trains_on_two_buckets(tiny_runs, tmp_path, capsys):
     assert seen == {"32x48x5", "32x32x5"}
     result = train_dit(cfg)
     assert result["step"] == 4 and np.isfinite(result["final"]["loss"])
+
+
+def test_cache_key_and_dit_runs_follow_the_vae_weights_not_its_folder(tiny_runs, tmp_path, capsys):
+    """A latent cache names the VAE's weights: a moved or params-only re-saved VAE keeps the key, a VAE
+    trained on in place gets a new one. A DiT run loads the VAE step it trained on, and refuses other
+    weights under that step or a VAE folder without it (one line from the CLI)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import jax
+
+    from sora_jax.cli import main
+    from sora_jax.pipeline import TextToVideo
+    from sora_jax.train import checkpoint
+    from sora_jax.train.dit_data import cache_inputs
+    from sora_jax.train.vae_trainer import load_vae_at
+
+    cfg, root = tiny_runs["dit_cfg"], Path(tiny_runs["root"])
+    base = cache_inputs(cfg)
+    _, params, ident = load_vae_at(cfg.vae_workdir)
+    step = ident["vae_step"]
+    assert step == tiny_runs["vae"]["step"] and "vae_workdir" not in base
+    assert {k: base[k] for k in ident} == ident
+
+    def vae_folder(name: str, saves: list[tuple[int, object]]) -> Path:
+        out = tmp_path / name
+        out.mkdir()
+        shutil.copy(root / "vae" / "vae_config.json", out / "vae_config.json")
+        for s, p in saves:
+            checkpoint.save_params(out / "ckpt", p, step=s, keep=len(saves))
+        return out
+
+    def with_vae(folder: Path):
+        c = cfg.copy_and_resolve_references()
+        c.vae_workdir = str(folder)
+        return c
+
+    # Another folder, parameters only (no EMA entry, no optimiser state): the same weights, the same key.
+    moved = vae_folder("moved", [(step, params)])
+    assert cache_inputs(with_vae(moved)) == base
+    # Trained on in place: a newer step with other weights is what a new cache is built from.
+    bumped = jax.tree.map(lambda a: a + 1e-3, params)
+    went_on = vae_folder("went_on", [(step, params), (step + 5, bumped)])
+    later = cache_inputs(with_vae(went_on))
+    assert later["vae_step"] == step + 5 and later["vae_params"] != base["vae_params"]
+    assert lr.cache_key(later) != lr.cache_key(base)
+
+    def dit_on(vae: Path, name: str) -> Path:
+        run = tmp_path / name
+        shutil.copytree(cfg.workdir, run, ignore=shutil.ignore_patterns("latents-*", "tb"))
+        meta = json.loads((run / "run.json").read_text())
+        assert (meta["vae_step"], meta["vae_params"]) == (step, base["vae_params"])
+        meta["vae_workdir"] = str(vae)
+        (run / "run.json").write_text(json.dumps(meta))
+        return run
+
+    # The VAE went on after the DiT: the DiT still decodes with the step it learned, not the newest.
+    t2v = TextToVideo.load(dit_on(went_on, "dit_went_on"))
+    assert checkpoint.params_fingerprint(t2v.vae_params) == base["vae_params"]
+    # Other weights saved under the recorded step, or the step pruned away: refused.
+    swapped = vae_folder("swapped", [(step, bumped)])
+    with pytest.raises(checkpoint.CheckpointError, match="is not the one this DiT was trained on"):
+        TextToVideo.load(dit_on(swapped, "dit_swapped"))
+    pruned = vae_folder("pruned", [(step + 5, bumped)])
+    code = main(["sample", "--workdir", str(dit_on(pruned, "dit_pruned")), "--prompt", "one ball: red"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"has no checkpoint step {step} (it has {step + 5})" in err

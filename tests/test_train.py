@@ -335,6 +335,13 @@ def test_dit_run_writes_heldout_eval_and_sample_videos(tiny_runs):
         again = make_dit_eval(model, objective_for_grid(cfg.diffusion, grid, model.cfg.patch_size))(params, batch)
     # Float32 sums in another order (replicated vs fsdp weights): agreement to 1e-4 relative.
     np.testing.assert_allclose(float(again["eval/loss"]), rows[1]["eval/loss"], rtol=1e-4)
+    # eval.train_clips: the same losses on the first training clips, with the same fixed noise.
+    with jax.set_mesh(mesh), nn.logical_axis_rules(get_rules("fsdp")):
+        seen = make_dit_eval(model, objective_for_grid(cfg.diffusion, grid, model.cfg.patch_size))(
+            params, global_batch(mesh, heldout_rows(train, 8, 8)))
+    for t in ("", "_t0.1", "_t0.9"):
+        np.testing.assert_allclose(float(seen[f"eval/loss{t}"]), rows[1][f"eval_train/loss{t}"], rtol=1e-4)
+    assert rows[1]["eval_train/loss"] != rows[1]["eval/loss"]
     # 2 columns (eval.videos): VAE reconstructions of the held-out latents over the samples.
     _assert_gif(cfg.workdir, "samples/heldout", step=2, size=(2 * cfg.data.size, 2 * cfg.data.size))
 

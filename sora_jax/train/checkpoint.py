@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -196,6 +197,13 @@ def saved_state_keys(manager: ocp.CheckpointManager, step: int | None = None) ->
 
 def restore_params(directory: str | os.PathLike, abstract_params: Any, *, use_ema: bool = True) -> Any:
     """Load only the (EMA if present) parameters of the latest checkpoint, for inference."""
+    return restore_params_at(directory, abstract_params, use_ema=use_ema)[1]
+
+
+def restore_params_at(
+    directory: str | os.PathLike, abstract_params: Any, *, use_ema: bool = True, step: int | None = None
+) -> tuple[int, Any]:
+    """(step, params) of checkpoint `step`, or of the newest readable one when `step` is None."""
     path = Path(directory).absolute()
     if not path.is_dir():
         raise CheckpointError(
@@ -221,15 +229,40 @@ def restore_params(directory: str | os.PathLike, abstract_params: Any, *, use_em
         )
         return restored["state"][key]
 
-    # Inference never moves files: a damaged newest step is skipped with a warning.
-    params = _with_fallback(manager, load, quarantine=False)[1]
+    if step is not None:
+        if step not in manager.all_steps():
+            have = ", ".join(str(s) for s in sorted(manager.all_steps()))
+            manager.close()
+            raise CheckpointError(f"{path} has no checkpoint step {step} (it has {have}); it was pruned or never "
+                                  "saved there: point at the run that holds it, or retrain on what is there")
+        out = step, load(step)
+    else:
+        # Inference never moves files: a damaged newest step is skipped with a warning.
+        out = _with_fallback(manager, load, quarantine=False)
     manager.close()
-    return params
+    return out
 
 
-def save_params(directory: str | os.PathLike, params: Any, step: int = 0) -> None:
-    """Write inference-only params as a checkpoint that `restore_params` reads (synchronously)."""
-    manager = make_manager(directory, keep=1, async_save=False)
+def params_fingerprint(params: Any) -> str:
+    """A short hash of a parameter tree's names, shapes, dtypes and values: equal only for equal weights.
+
+    It names the weights, not where they are stored, so a copied or params-only re-saved checkpoint
+    keeps its fingerprint and a continued one gets a new one.
+    """
+    h = hashlib.sha256()
+    for key, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(key)}:{a.dtype}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:12]
+
+
+def save_params(directory: str | os.PathLike, params: Any, step: int = 0, *, keep: int = 1) -> None:
+    """Write inference-only params as a checkpoint that `restore_params` reads (synchronously).
+
+    The directory keeps its newest `keep` steps, this one included.
+    """
+    manager = make_manager(directory, keep=keep, async_save=False)
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"step": step, "params": params})))
     manager.wait_until_finished()
     manager.close()

@@ -20,7 +20,7 @@ from sora_jax.data.real_video import FrameSampling, VideoSource, make_bucketed_l
 from sora_jax.train import checkpoint
 from sora_jax.train.latent_records import (CacheError, build_cache, cache_key, make_cache_loader, make_encoder,
                                           read_info)
-from sora_jax.train.vae_trainer import load_vae, physics_sources
+from sora_jax.train.vae_trainer import load_vae_at, physics_sources
 
 SOURCES = ("physics", "video")
 
@@ -40,16 +40,25 @@ def bucket_spec(config: ml_collections.ConfigDict) -> BucketSpec:
     return BucketSpec((Bucket(d.size, d.size, d.frames, int(d.batch_size)),), multiple=1)
 
 
-def cache_inputs(config: ml_collections.ConfigDict, split: str = "train") -> dict:
-    """What a cache is built from; a cache (or a resumed build) with other inputs is refused.
-
-    `split` "test" is the physics dataset's held-out split (periodic evaluation); "train" adds no key,
-    so caches built before splits existed keep their names.
-    """
+def vae_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """{"vae_step", "vae_params"} of the VAE checkpoint config.vae_workdir loads (its newest readable step)."""
     vae_config = Path(config.vae_workdir).absolute() / "vae_config.json"
     if not vae_config.is_file():
         raise checkpoint.CheckpointError(
             f"{vae_config} not found; train the VAE first or pass the right --config.vae_workdir")
+    return load_vae_at(config.vae_workdir)[2]
+
+
+def cache_inputs(config: ml_collections.ConfigDict, split: str = "train", vae: dict[str, Any] | None = None) -> dict:
+    """What a cache is built from; a cache (or a resumed build) with other inputs is refused.
+
+    `split` "test" is the physics dataset's held-out split (periodic evaluation); "train" adds no key,
+    so caches built before splits existed keep their names. `vae` is `vae_identity(config)`, passed
+    in to restore the VAE once: the cache names the VAE's weights, not its folder, so it survives a
+    moved run folder and is rebuilt when the VAE trains on in the same folder.
+    """
+    vae = vae or vae_identity(config)
+    vae_config = Path(config.vae_workdir).absolute() / "vae_config.json"
     d = config.data
     if _source(config) == "video":
         v = d.video
@@ -63,7 +72,7 @@ def cache_inputs(config: ml_collections.ConfigDict, split: str = "train") -> dic
             data.update(split=split, num_test=d.num_test)
         if d.get("exclude", ""):  # only when set, so caches built before the option keep their keys
             data.update(exclude=str(d.exclude))
-    return {"data": data, "vae_workdir": str(Path(config.vae_workdir).absolute()),
+    return {"data": data, "vae_step": int(vae["vae_step"]), "vae_params": str(vae["vae_params"]),
             "vae_config": cache_key(vae_config.read_text()),
             "text_encoder": config.text.encoder_dir, "text_max_length": int(config.text.max_length)}
 
@@ -88,8 +97,8 @@ def _batches(config: ml_collections.ConfigDict, process: int, count: int, split:
 def build_from_config(config: ml_collections.ConfigDict, out_dir: str | Path, *, max_parts: int | None = None,
                       part_batches: int = 16, split: str = "train") -> dict:
     """Encode config.data with the run's VAE and text encoder into a latent cache (resumable)."""
-    inputs = cache_inputs(config, split)
-    vae, vae_params = load_vae(config.vae_workdir)
+    vae, vae_params, identity = load_vae_at(config.vae_workdir)
+    inputs = cache_inputs(config, split, identity)
     text_encoder = load_text_encoder(config.text.encoder_dir or None, max_length=config.text.max_length)
     process, count = jax.process_index(), jax.process_count()
     return build_cache(out_dir, _batches(config, process, count, split), make_encoder(vae, vae_params, text_encoder),
@@ -97,15 +106,16 @@ def build_from_config(config: ml_collections.ConfigDict, out_dir: str | Path, *,
                        max_parts=max_parts)
 
 
-def cache_dir_for(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+def cache_dir_for(config: ml_collections.ConfigDict, workdir: Path, vae: dict[str, Any] | None = None) -> Path:
     """config.data.latents if set (built by `sora-jax cache-latents`), else a physics cache in the run folder.
 
     The run-folder cache is built on first use (and finished if an earlier build was cut short).
+    `vae`: `vae_identity(config)` if the caller has it.
     """
     latents = str(config.data.get("latents", "") or "")
     if latents:
         info = read_info(latents)
-        want = cache_inputs(config)
+        want = cache_inputs(config, vae=vae)
         if info["source"] != want:
             raise CacheError(f"the latent cache {latents} was built from other inputs than this config "
                              f"({info['source']} vs {want}); rebuild it or fix the config")
@@ -113,12 +123,13 @@ def cache_dir_for(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     if _source(config) == "video":
         raise ValueError("config.data.source=video needs a latent cache: run `sora-jax cache-latents` and "
                          "pass it with --config.data.latents=DIR")
-    return _run_folder_cache(config, workdir, "train")
+    return _run_folder_cache(config, workdir, "train", vae)
 
 
-def _run_folder_cache(config: ml_collections.ConfigDict, workdir: Path, split: str) -> Path:
+def _run_folder_cache(config: ml_collections.ConfigDict, workdir: Path, split: str,
+                      vae: dict[str, Any] | None = None) -> Path:
     """The physics `split`'s cache in the run folder, named by its inputs; built (or finished) on first use."""
-    path = workdir / f"latents-{cache_key(cache_inputs(config, split))}"
+    path = workdir / f"latents-{cache_key(cache_inputs(config, split, vae))}"
     try:
         read_info(path)
     except CacheError:  # absent or unfinished: build, or finish an interrupted build
@@ -126,7 +137,7 @@ def _run_folder_cache(config: ml_collections.ConfigDict, workdir: Path, split: s
     return path
 
 
-def heldout_cache_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+def heldout_cache_dir(config: ml_collections.ConfigDict, workdir: Path, vae: dict[str, Any] | None = None) -> Path:
     """The held-out latents of periodic evaluation: config.eval.latents, or the physics test split's cache.
 
     Real videos have no built-in split: encode a held-out manifest with `sora-jax cache-latents` and
@@ -134,8 +145,8 @@ def heldout_cache_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     """
     latents = str(config.get("eval", {}).get("latents", "") or "")
     if latents:
-        source, run = read_info(latents)["source"], cache_inputs(config)
-        got = {k: source.get(k) for k in ("vae_config", "text_encoder", "text_max_length")}
+        source, run = read_info(latents)["source"], cache_inputs(config, vae=vae)
+        got = {k: source.get(k) for k in ("vae_config", "vae_params", "text_encoder", "text_max_length")}
         want = {k: run[k] for k in got}
         if got != want:
             raise CacheError(f"the held-out cache {latents} was encoded with another VAE or text encoder than this "
@@ -144,7 +155,7 @@ def heldout_cache_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     if _source(config) == "video":
         raise ValueError("train.eval_every/sample_every with config.data.source=video need held-out latents: "
                          "encode a held-out manifest with `sora-jax cache-latents` and pass --config.eval.latents=DIR")
-    return _run_folder_cache(config, workdir, "test")
+    return _run_folder_cache(config, workdir, "test", vae)
 
 
 def train_loader(config: ml_collections.ConfigDict, cache_dir: Path, per_process: dict[str, int]) -> Any:

@@ -18,7 +18,8 @@ from sora_jax.models.dit import DiT, DiTConfig, dit_config, validate_latent_grid
 from sora_jax.parallel.mesh import batch_sharding, global_batch
 from sora_jax.train import checkpoint
 from sora_jax.train.accumulate import accumulate_gradients, tree_norm
-from sora_jax.train.dit_data import bucket_spec, cache_dir_for, default_video, heldout_cache_dir, train_loader
+from sora_jax.train.dit_data import (bucket_spec, cache_dir_for, default_video, heldout_cache_dir, train_loader,
+                                     vae_identity)
 from sora_jax.train.evaluation import heldout_rows, make_dit_periodic
 from sora_jax.train.latent_records import null_text, read_info, read_records
 from sora_jax.train.loop import Periodic, train_sharded
@@ -145,32 +146,44 @@ def dit_config_from(config: ml_collections.ConfigDict, *, channels: int, text_di
     return dit_config(config.variant, in_channels=channels, out_channels=channels, text_dim=text_dim, **overrides)
 
 
-def dit_periodic(config: ml_collections.ConfigDict, workdir: Path, model: DiT, mesh) -> tuple[Periodic, ...]:
-    """train.eval_every / train.sample_every: held-out losses and sample videos (see evaluation.py)."""
+def dit_periodic(config: ml_collections.ConfigDict, workdir: Path, model: DiT, mesh,
+                 vae_id: dict[str, Any] | None = None, train_cache: Path | None = None) -> tuple[Periodic, ...]:
+    """train.eval_every / train.sample_every: held-out losses and sample videos (see evaluation.py).
+
+    eval.train_clips > 0 scores that many clips of `train_cache` beside the held-out ones.
+    """
     eval_every, sample_every = int(config.train.get("eval_every", 0)), int(config.train.get("sample_every", 0))
     if eval_every <= 0 and sample_every <= 0:
         return ()
     ev = config.get("eval", ml_collections.ConfigDict())
     num_clips, num_videos = int(ev.get("num_clips", 8)), int(ev.get("videos", 4))
-    records = read_records(heldout_cache_dir(config, workdir), max(num_clips, num_videos))
-    heldout = heldout_rows(records, mesh.shape["data"] * mesh.shape["fsdp"], num_clips)
+    records = read_records(heldout_cache_dir(config, workdir, vae_id), max(num_clips, num_videos))
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    heldout = heldout_rows(records, shards, num_clips)
+    train_clips = int(ev.get("train_clips", 0)) if eval_every > 0 else 0
+    train_rows = None
+    if train_clips > 0:
+        if train_cache is None:
+            raise ValueError("eval.train_clips > 0 needs the run's training cache")
+        train_rows = heldout_rows(read_records(train_cache, train_clips), shards, train_clips)
     grid = heldout["latents"].shape[1:4]
     objective = objective_for_grid(config.diffusion, grid, model.cfg.patch_size)
     sampler = vae = vae_params = None
     if sample_every > 0:
-        vae, vae_params = load_vae(config.vae_workdir)
+        vae, vae_params = load_vae(config.vae_workdir, (vae_id or {}).get("vae_step"))
         sampler = sampler_for_run(to_python(config.sample), objective_to_json(objective_from(config.diffusion)),
                                   num_tokens=flow.latent_tokens(grid, model.cfg.patch_size))
     return make_dit_periodic(model, objective, mesh, heldout, eval_every=eval_every, sample_every=sample_every,
                              sampler=sampler, vae=vae, vae_params=vae_params, num_videos=num_videos,
-                             seed=int(config.seed))
+                             seed=int(config.seed), train_rows=train_rows)
 
 
 def train_dit(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Train (or resume) a DiT run in config.workdir on latents of the VAE in config.vae_workdir."""
     workdir = Path(config.workdir).absolute()
     mesh, rules = mesh_and_rules(config)
-    cache_dir = cache_dir_for(config, workdir)
+    vae_id = vae_identity(config)
+    cache_dir = cache_dir_for(config, workdir, vae_id)
     info = read_info(cache_dir)
     spec = bucket_spec(config)
     per_process = {b.name: per_process_batch(b.batch_size, mesh, config.train.grad_accum) for b in spec.buckets}
@@ -203,6 +216,9 @@ def train_dit(config: ml_collections.ConfigDict) -> dict[str, Any]:
     checkpoint.write_json_atomic(workdir / DIT_CONFIG_FILE, dataclass_to_json(dit_cfg))
     checkpoint.write_json_atomic(workdir / RUN_FILE, {
         "vae_workdir": str(Path(config.vae_workdir).absolute()),
+        # The weights the latents came from: loading the newest step instead would decode with a VAE
+        # this DiT never saw if the VAE run went on after it.
+        **vae_id,
         "text_encoder_dir": config.text.encoder_dir,
         "text_max_length": config.text.max_length,
         "latent_grid": list(first["latents"][:3]),
@@ -216,7 +232,7 @@ def train_dit(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
     state, logger = train_sharded(
         step=make_dit_step(model, config.diffusion, config.train.grad_accum), state=state, state_shardings=shardings,
-        periodic=dit_periodic(config, workdir, model, mesh),
+        periodic=dit_periodic(config, workdir, model, mesh, vae_id, cache_dir),
         batch_shardings={k: batch_sharding(mesh, n) for k, n in (("latents", 5), ("text", 3), ("text_mask", 2))},
         mesh=mesh, rules=rules, data_iter=data_iter, to_device=lambda b: global_batch(mesh, {k: b[k] for k in ("latents", "text", "text_mask")}),
         train_cfg=config.train, manager=manager, logdir=workdir / "tb", rng=train_rng, desc="train-dit",

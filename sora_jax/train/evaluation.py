@@ -103,20 +103,34 @@ def _process_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def make_dit_periodic(
     model: Any, objective: flow.FlowObjective | ddpm.DDPMObjective, mesh, heldout: dict[str, np.ndarray], *,
     eval_every: int, sample_every: int, sampler: LoopSampler | None = None, vae: CausalVAE | None = None,
-    vae_params: Any = None, num_videos: int = 4, seed: int = 0,
+    vae_params: Any = None, num_videos: int = 4, seed: int = 0, train_rows: dict[str, np.ndarray] | None = None,
 ) -> tuple[Periodic, ...]:
     """Held-out denoising losses every `eval_every` steps and sampled videos every `sample_every`.
 
     `heldout` (latents, text, text_mask; the same on every process, a multiple of the batch shards)
-    is placed once. Videos: the VAE decode of the first `num_videos` held-out latents over samples
-    for their captions from fixed noise, with the EMA weights, as one grid per write.
+    is placed once; so is `train_rows`, training clips scored the same way as eval_train/...
+    Videos: the VAE decode of the first `num_videos` held-out latents over samples for their
+    captions from fixed noise, with the EMA weights, as one grid per write.
     """
     out: list[Periodic] = []
     if eval_every > 0:
         evaluate = make_dit_eval(model, objective, seed=seed)
-        local = _process_rows(heldout)
-        batch = {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in local.items()}
-        out.append(Periodic(eval_every, lambda state: evaluate(state.eval_params, batch)))
+
+        def place(rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+            local = _process_rows(rows)
+            return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in local.items()}
+
+        batch = place(heldout)
+        seen = place(train_rows) if train_rows is not None else None
+
+        def losses(state) -> dict[str, jax.Array]:
+            row = evaluate(state.eval_params, batch)
+            if seen is not None:  # same fixed noise per level when the row counts match: a paired comparison
+                row.update({k.replace("eval/", "eval_train/", 1): v
+                            for k, v in evaluate(state.eval_params, seen).items()})
+            return row
+
+        out.append(Periodic(eval_every, losses))
     if sample_every > 0:
         if sampler is None or vae is None:
             raise ValueError("sample videos need a sampler and the run's VAE")

@@ -289,12 +289,23 @@ def _restore(manager, state: TrainState, data_iter) -> TrainState:
     return checkpoint.restore(manager, state, data_iter)
 
 
-def load_vae(workdir: str | Path) -> tuple[CausalVAE, Any]:
-    """Load a trained VAE (config + EMA-or-raw params) from a run directory."""
+def load_vae(workdir: str | Path, step: int | None = None) -> tuple[CausalVAE, Any]:
+    """Load a trained VAE (config + EMA-or-raw params) from a run directory: checkpoint `step`, or the newest."""
+    model, params, _ = load_vae_at(workdir, step)
+    return model, params
+
+
+def load_vae_at(workdir: str | Path, step: int | None = None) -> tuple[CausalVAE, Any, dict[str, Any]]:
+    """`load_vae` plus the weights' identity {"vae_step", "vae_params"}: what latent caches and DiT runs record.
+
+    A DiT learns the latents of one set of VAE weights. Keyed by the weights rather than the folder,
+    a cache stays valid when the run folder moves and is rebuilt when the VAE trains on in place.
+    """
     workdir = Path(workdir).absolute()
     model = CausalVAE(dataclass_from_json(VAEConfig, checkpoint.read_json(workdir / VAE_CONFIG_FILE)))
     abstract = jax.eval_shape(lambda: nn.meta.unbox(init_vae_variables(model.cfg, jax.random.key(0))))
-    return model, checkpoint.restore_params(workdir / "ckpt", on_one_device(abstract))
+    at, params = checkpoint.restore_params_at(workdir / "ckpt", on_one_device(abstract), step=step)
+    return model, params, {"vae_step": int(at), "vae_params": checkpoint.params_fingerprint(params)}
 
 
 def latent_frame_slices(frames: int, temporal_factor: int) -> list[slice]:
