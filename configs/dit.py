@@ -84,7 +84,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # noise levels on num_clips clips, and `videos` samples for held-out captions next to their
     # VAE reconstructions. latents: a held-out cache (`sora-jax cache-latents` on held-out videos);
     # "" = the physics test split, encoded into the run folder on first use. train_clips > 0: the
-    # same losses on that many training clips (eval_train/...), the same noise: a held-out loss
-    # rising above it is the model memorising its clips.
+    # same losses on that many training clips (eval_train/...), the same noise draws: a held-out loss
+    # pulling away from it as training goes on is the model memorising its clips (the two sets' mix
+    # of content differs, so the gap at one step means little).
     c.eval = ml_collections.ConfigDict({"num_clips": 8, "videos": 4, "latents": "", "train_clips": 0})
     return c

@@ -247,7 +247,8 @@ def params_fingerprint(params: Any) -> str:
     """A short hash of a parameter tree's names, shapes, dtypes and values: equal only for equal weights.
 
     It names the weights, not where they are stored, so a copied or params-only re-saved checkpoint
-    keeps its fingerprint and a continued one gets a new one.
+    keeps its fingerprint and a continued one gets a new one. The leaves must be host-addressable
+    (e.g. restored onto one device, as `load_vae` does).
     """
     h = hashlib.sha256()
     for key, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:

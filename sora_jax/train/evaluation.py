@@ -125,7 +125,7 @@ def make_dit_periodic(
 
         def losses(state) -> dict[str, jax.Array]:
             row = evaluate(state.eval_params, batch)
-            if seen is not None:  # same fixed noise per level when the row counts match: a paired comparison
+            if seen is not None:  # equal row counts give both sets the same noise draws per level
                 row.update({k.replace("eval/", "eval_train/", 1): v
                             for k, v in evaluate(state.eval_params, seen).items()})
             return row
