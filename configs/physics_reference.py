@@ -8,12 +8,14 @@ prediction, and (with the remaining "none" share) protocol (b), text-conditioned
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
 
 from configs import dit as dit_configs
 from configs import vae as vae_configs
+from sora_jax.config_overrides import apply_overrides
 from sora_jax.data.physics import format_combos
 from sora_jax.eval.physics_scenes import HELD_OUT_COMBOS
 from sora_jax.models.dit import dit_config
@@ -53,12 +55,14 @@ def reference_configs(
     dit_shape: str = "",
     dit_variant: str | None = None,
     dit_lr: float | None = None,
+    dit_overrides: Sequence[str] = (),
 ) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
     """The VAE and DiT configs of a reference run with a total wall-time budget of `minutes`.
 
     `dit_variant` (default `variant`) sizes the DiT alone, so a bigger DiT can train on an existing
     run's VAE and latent cache; `dit_shape` ("num_layers=6,num_attention_heads=4,ffn_dim=512")
-    overrides its shape; `dit_lr` its peak learning rate.
+    overrides its shape; `dit_lr` its peak learning rate. `dit_overrides` ("model.attention=cudnn",
+    also "--config.model.attention=cudnn") are applied last, to the DiT config alone.
     """
     if minutes <= 0:
         raise ValueError(f"minutes must be > 0, got {minutes}; e.g. --minutes 90 on a 2-core CPU")
@@ -109,9 +113,15 @@ def reference_configs(
     dit.diffusion.shift = 3.0
     # Deterministic, near-exact continuation matters more here than diversity.
     dit.sample.guidance = 2.0
-    # 512 clips: a DiT trained for hundreds of epochs (S on a GPU: ~300) may memorise them. Held-out
-    # and training clips scored alike (fixed noise levels and noise) show it in TensorBoard and the
-    # script's summary; every 500 steps costs well under 1% of training.
+    # Held-out and training clips scored alike (fixed noise levels and noise) show memorisation in
+    # TensorBoard and the script's summary; every 500 steps costs well under 1% of training. S on
+    # 512 clips memorises them: its training clips' loss falls below the held-out loss after about
+    # 170 epochs, and the held-out loss stops falling at about 340 (docs/benchmarks.md, "DiT S on the
+    # step-3000 VAE"); --num-train 4096 kept the two together.
     dit.train.eval_every = 500
     dit.eval.num_clips = dit.eval.train_clips = 32
+    try:
+        apply_overrides(dit, [o if o.startswith("--config.") else f"--config.{o}" for o in dit_overrides])
+    except ValueError as e:
+        raise ValueError(f"DiT override: {e}") from None
     return vae, dit

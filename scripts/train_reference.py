@@ -30,12 +30,14 @@ def main() -> None:
     p.add_argument("--dit-variant", default=None,
                    help="DiT variant if not --variant's, e.g. S on a GPU over a tiny run's VAE (pass --dit-steps)")
     p.add_argument("--dit-lr", type=float, default=None, help="DiT peak learning rate (default: the variant's)")
+    p.add_argument("--dit-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="DiT config override, repeatable, e.g. model.attention=cudnn")
     a = p.parse_args()
     try:
         vae_cfg, dit_cfg = reference_configs(a.outdir, a.minutes, num_train=a.num_train, variant=a.variant,
                                              vae_steps=a.vae_steps, dit_steps=a.dit_steps,
                                              dit_shape=a.dit_shape, dit_variant=a.dit_variant,
-                                             dit_lr=a.dit_lr)
+                                             dit_lr=a.dit_lr, dit_overrides=a.dit_override)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     t0 = time.perf_counter()

@@ -66,3 +66,16 @@ def test_reference_dit_variant_and_lr_size_the_dit_alone(tmp_path):
         reference_configs(tmp_path, 10, dit_variant="XL")
     with pytest.raises(ValueError, match="dit_lr must be > 0"):
         reference_configs(tmp_path, 10, dit_lr=0.0)
+
+
+def test_reference_dit_overrides_reach_the_dit_config_alone(tmp_path):
+    vae, dit = reference_configs(tmp_path, 10, dit_variant="S",
+                                 dit_overrides=["model.attention=cudnn", "--config.train.eval_every=0"])
+    base_vae, base_dit = reference_configs(tmp_path, 10, dit_variant="S")
+    assert (dit.model.attention, dit.train.eval_every) == ("cudnn", 0)
+    assert base_dit.model.attention != "cudnn" and base_dit.train.eval_every == 500
+    assert vae.to_dict() == base_vae.to_dict()
+    with pytest.raises(ValueError, match=r"DiT override: unknown config key 'model\.atention'"):
+        reference_configs(tmp_path, 10, dit_overrides=["model.atention=cudnn"])
+    with pytest.raises(ValueError, match="DiT override: .* has no value"):
+        reference_configs(tmp_path, 10, dit_overrides=["model.attention"])
