@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -165,7 +166,17 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--frames", type=int, help="scene length (default: the checkpoint's, else 17)")
     e.add_argument("--steps", type=int, help="sampler steps (default: the checkpoint's)")
     e.add_argument("--guidance", type=float, help="classifier-free guidance (default: the checkpoint's)")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="scene seed, and the sampler's unless --sample-seed is given")
+    e.add_argument("--sample-seed", type=int,
+                   help="the sampler's noise alone: re-score the same scenes with other noise (default: --seed)")
+    pc = sub.add_parser("eval-physics-compare", help="paired comparison of two eval-physics reports on their shared scenes",
+                        description="Per split and family: each report's mean over the scenes both scored, and "
+                                    "the mean per-scene difference A - B with its standard error.")
+    pc.add_argument("a", help="eval-physics --out folder (or report.json) A")
+    pc.add_argument("b", help="eval-physics --out folder (or report.json) B")
+    pc.add_argument("--method-a", default="model", help="row of A to compare (model, vae_roundtrip, copy_last, ...)")
+    pc.add_argument("--method-b", default="model", help="row of B to compare")
+    pc.add_argument("--json", help="also write the comparison here")
     return p
 
 
@@ -180,12 +191,22 @@ def _eval_physics(a) -> None:
     report, paths = evaluate(a.checkpoint, a.out, vae=a.vae, scenes=scenes, size=a.size, frames=a.frames, steps=a.steps,
                              guidance=a.guidance, cond_frames=a.cond_frames, protocols=names(a.protocols),
                              text_prompts=a.text_prompts, phyworld_scenes=a.phyworld_scenes,
-                             phyworld_size=a.phyworld_size, seed=a.seed,
+                             phyworld_size=a.phyworld_size, seed=a.seed if a.sample_seed is None else a.sample_seed,
                              progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(paths["md"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     if "png" not in paths:
         print("no position_error.png: matplotlib is not installed (pip install matplotlib)")
+
+
+def _eval_physics_compare(a) -> None:
+    from sora_jax.eval.physics_compare import compare_reports, load_report, render_markdown
+
+    result = compare_reports(load_report(a.a), load_report(a.b), a.method_a, a.method_b)
+    print(render_markdown(result, a.a, a.b))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result | {"a": str(a.a), "b": str(a.b)}, indent=1))
+        print(f"wrote {a.json}")
 
 
 def _demo(a) -> None:
@@ -367,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             _convert(args)
         elif args.command == "eval-physics":
             _eval_physics(args)
+        elif args.command == "eval-physics-compare":
+            _eval_physics_compare(args)
         elif args.command == "vae-stats":
             _vae_stats(args)
         elif args.command == "bench-sharding":

@@ -194,6 +194,22 @@ def test_cli_eval_physics_on_tiny_checkpoint(tiny_runs, tmp_path, capsys):
     h, w = (video["size"],) * 2 if isinstance(video["size"], int) else video["size"]
     assert sheet.shape == (3 * h, video["frames"] * w + 2, 3)  # truth, roundtrip, model; the bar after 1 given frame
     assert (sheet[:, w:w + 2] == 255).all() and "samples.png" in (out / "report.md").read_text()
+    # --sample-seed re-scores the same scenes with other sampler noise; the two reports pair up scene by scene.
+    again = tmp_path / "bench_noise1"
+    assert main(["eval-physics", "--checkpoint", str(tiny_runs["dit_cfg"].workdir), "--out", str(again),
+                 "--per-split", "1", "--families", "parabola", "--splits", "id", "--cond-frames", "1",
+                 "--protocols", "frames", "--phyworld-scenes", "0", "--steps", "2", "--sample-seed", "1"]) == 0
+    rows0, rows1 = report["frames"]["scenes"], json.loads((again / "report.json").read_text())["frames"]["scenes"]
+    truth0, truth1 = ([r for r in rows if r["method"] == "ground_truth"] for rows in (rows0, rows1))
+    assert [r["scene"] for r in truth0] == [r["scene"] for r in truth1] and truth0 == truth1
+    model0, model1 = ([r for r in rows if r["method"] == "model"] for rows in (rows0, rows1))
+    assert len(model0) == len(model1) == 1 and model0[0]["psnr"] != model1[0]["psnr"]
+    capsys.readouterr()
+    assert main(["eval-physics-compare", str(out), str(again), "--json", str(tmp_path / "cmp.json")]) == 0
+    cmp = json.loads((tmp_path / "cmp.json").read_text())
+    assert cmp["shared_scenes"] == 1 and "| id | 1 |" in capsys.readouterr().out
+    np.testing.assert_allclose(cmp["groups"]["id"]["pos_err_px"]["diff"],
+                               model0[0]["pos_err_px"] - model1[0]["pos_err_px"])
     capsys.readouterr()
     assert main(["eval-physics", "--out", str(out), "--families", "tennis"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
@@ -307,3 +323,70 @@ def test_sample_sheet_places_every_frame(tmp_path):
             assert (band[:, 12:14] == 255).all()
             np.testing.assert_array_equal(band[:, 14:], np.concatenate(list(video[2:]), axis=1))
     assert (sheet[16:18] == 0).all()
+
+
+@pytest.fixture(scope="module")
+def baseline_reports():
+    """Baselines-only reports of 2 and 1 scenes per family and split (the second's scenes are the first's)."""
+    from sora_jax.eval.physics_bench import BenchConfig, run_benchmark
+
+    spec = SceneSpec(families=("uniform", "collision"), splits=("id", "ood_speed"), per_split=2)
+    return [run_benchmark(BenchConfig(scenes=dataclasses.replace(spec, per_split=n), protocols=("frames",),
+                                      phyworld_scenes=0)) for n in (2, 1)]
+
+
+def test_per_scene_rows_match_the_summaries(baseline_reports):
+    rows, by_split = baseline_reports[0]["frames"]["scenes"], baseline_reports[0]["frames"]["by_split"]
+    for key, stats in by_split.items():
+        method, split = key.split("/")
+        group = [r for r in rows if r["method"] == method and r["split"] == split]
+        assert len(group) == stats["clips"] == len({r["scene"] for r in group})
+        for k in ("count_acc", "pos_err_px", "vel_err_px", "psnr"):
+            np.testing.assert_allclose(np.nanmean([r[k] for r in group]), stats[k], rtol=1e-12)
+    assert not any(isinstance(v, (list, np.ndarray)) for r in rows for v in r.values())  # curves dropped
+    json.dumps(rows)  # plain JSON
+
+
+def test_paired_comparison_of_reports(baseline_reports, tmp_path, capsys):
+    from sora_jax.cli import main
+    from sora_jax.eval.physics_bench import write_report
+    from sora_jax.eval.physics_compare import compare_reports
+
+    big, small = baseline_reports
+    res = compare_reports(big, big, "copy_last", "resim_no_gravity")
+    rows = big["frames"]["scenes"]
+    for split in ("id", "ood_speed"):
+        got = res["groups"][split]["pos_err_px"]
+        a, b = ({r["scene"]: r["pos_err_px"] for r in rows if r["method"] == m and r["split"] == split}
+                for m in ("copy_last", "resim_no_gravity"))
+        d = np.array([a[s] - b[s] for s in a])
+        assert got["pairs"] == len(d) == 4
+        np.testing.assert_allclose([got["diff"], got["se"], got["a"] - got["b"]],
+                                   [d.mean(), d.std(ddof=1) / np.sqrt(len(d)), d.mean()], rtol=1e-12)
+    assert res["groups"]["id"]["pos_err_px"]["diff"] > 0  # re-simulation is near exact in distribution
+    assert res["groups"]["collision/id"]["scenes"] == 2
+    same = compare_reports(big, big, "copy_last", "copy_last")["groups"]["id"]["pos_err_px"]
+    assert same["diff"] == 0 and same["se"] == 0
+    # Pairing is by scene: the 1-per-split report's scenes are the first of the 2-per-split report's.
+    sub = compare_reports(big, small, "copy_last", "copy_last")
+    assert (sub["shared_scenes"], sub["only_a"], sub["only_b"]) == (4, 4, 0)
+    assert sub["groups"]["id"]["pos_err_px"]["diff"] == 0
+    other = json.loads(json.dumps(small))
+    other["config"]["scenes"]["frames"] = 9
+    with pytest.raises(ValueError, match="frames 17 vs 9"):
+        compare_reports(big, other)
+    with pytest.raises(ValueError, match="no 'model' rows"):
+        compare_reports(big, small)
+    # The CLI: two --out folders; a report without per-scene rows is one line.
+    write_report(json.loads(json.dumps(big)), tmp_path / "a")
+    old = json.loads(json.dumps(small))
+    del old["frames"]["scenes"]
+    write_report(old, tmp_path / "old")
+    assert main(["eval-physics-compare", str(tmp_path / "a"), str(tmp_path / "a"), "--method-a", "copy_last",
+                 "--method-b", "resim_no_gravity"]) == 0
+    assert "| collision/ood_speed | 2 |" in capsys.readouterr().out
+    assert main(["eval-physics-compare", str(tmp_path / "a"), str(tmp_path / "old")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no per-scene rows" in err[0]
+    assert main(["eval-physics-compare", str(tmp_path / "a"), str(tmp_path / "nowhere")]) == 2
+    assert "has no report.json" in capsys.readouterr().err

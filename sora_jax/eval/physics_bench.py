@@ -108,7 +108,14 @@ def vae_roundtrip_predictor(vae: Any, params: Any) -> Predictor:
 
 
 def _row(metrics: dict, scene: dict, method: str) -> dict:
-    return metrics | {"method": method, "family": scene["family"], "split": scene["split"]}
+    # "scene" is a string so that `summarize`, which averages every numeric field, leaves it alone.
+    return metrics | {"method": method, "family": scene["family"], "split": scene["split"],
+                      "scene": f"{scene['family']}/{scene['split']}/{scene['seed']}"}
+
+
+def scene_rows(rows: list[dict]) -> list[dict]:
+    """Each clip's scalar scores per method (per-frame curves dropped), for paired comparisons of reports."""
+    return [{k: v for k, v in r.items() if not isinstance(v, (list, tuple, np.ndarray))} for r in rows]
 
 
 def _phyworld_error(pred: np.ndarray, scene: dict, truth_xy: np.ndarray, k: int) -> float:
@@ -223,6 +230,7 @@ def run_benchmark(cfg: BenchConfig, predictors: dict[str, Predictor] | None = No
         rows = frame_protocol(make_scenes(cfg.scenes), k, predictors or {}, progress, samples)
         report["frames"] = summarize_frames(rows)
         report["frames"]["phyworld"] = _phyworld_model_summary(rows)
+        report["frames"]["scenes"] = scene_rows(rows)
     if "text" in cfg.protocols:
         spec = dataclasses.replace(cfg.scenes, families=("multi",), splits=("id",), per_split=cfg.text_prompts)
         rows = text_protocol(make_scenes(spec), generate)
@@ -332,4 +340,4 @@ def evaluate(
 
 
 __all__ = ["BenchConfig", "ERROR_KEYS", "evaluate", "latent_aligned", "model_predictors", "run_benchmark",
-           "vae_roundtrip_predictor", "write_report"]
+           "scene_rows", "vae_roundtrip_predictor", "write_report"]
