@@ -169,7 +169,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="scene seed, and the sampler's unless --sample-seed is given")
     e.add_argument("--sample-seed", type=int,
                    help="the sampler's noise alone: re-score the same scenes with other noise (default: --seed)")
-    pc = sub.add_parser("eval-physics-compare", help="paired comparison of two eval-physics reports on their shared scenes",
+    pc = sub.add_parser("eval-physics-compare",
+                        help="paired comparison of two eval-physics reports on their shared scenes",
                         description="Per split and family: each report's mean over the scenes both scored, and "
                                     "the mean per-scene difference A - B with its standard error.")
     pc.add_argument("a", help="eval-physics --out folder (or report.json) A")

@@ -236,7 +236,7 @@ def run_benchmark(cfg: BenchConfig, predictors: dict[str, Predictor] | None = No
         rows = text_protocol(make_scenes(spec), generate)
         report["text"] = {m: summarize(_group(rows, method=m)) for m in dict.fromkeys(r["method"] for r in rows)}
     if cfg.phyworld_scenes > 0:
-        spec = phyworld.PhyWorldSpec(cfg.phyworld_scenes, cfg.phyworld_size, seed=cfg.seed)
+        spec = phyworld.PhyWorldSpec(cfg.phyworld_scenes, cfg.phyworld_size, seed=cfg.scenes.seed)  # scenes, not noise
         report["phyworld_floor"] = {
             "kang": phyworld.kang_floor(spec, "paper"),
             "kang_matched_grid": phyworld.kang_floor(spec, "matched"),

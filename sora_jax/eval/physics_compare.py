@@ -45,7 +45,8 @@ def _by_scene(report: dict, method: str, which: str) -> dict[str, dict]:
     rows = {r["scene"]: r for r in report["frames"]["scenes"] if r["method"] == method}
     if not rows:
         have = sorted({r["method"] for r in report["frames"]["scenes"]})
-        raise ValueError(f"report {which} has no {method!r} rows (it has {', '.join(have)}); pick one with --method-{which.lower()}")
+        raise ValueError(f"report {which} has no {method!r} rows (it has {', '.join(have)}); "
+                         f"pick one with --method-{which.lower()}")
     return rows
 
 
