@@ -1,9 +1,9 @@
 """Paired comparison of two `eval-physics` reports on the scenes both scored.
 
-Scenes differ far more from each other than two models differ on one scene (a collision costs a DiT
-several times what a parabola does), so two runs' means over a dozen scenes each can disagree by more
-than the models do. Differencing per scene cancels that spread; the standard error of the mean
-difference then says whether a gap between runs is real.
+Scenes differ widely (a collision costs DiT S about four times the position error a parabola does),
+so two runs' means over a dozen scenes each can disagree by more than the models do. Differencing per
+scene removes the scene-to-scene part of that spread; the standard error of the mean difference then
+says whether a gap between runs stands out from what remains.
 """
 
 from __future__ import annotations
