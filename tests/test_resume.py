@@ -190,6 +190,38 @@ def test_sigterm_saves_and_exits_zero_in_process(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_time_budget_stops_saves_and_says_the_schedule_is_unfinished(tmp_path, caplog):
+    manager = checkpoint.make_manager(tmp_path / "ckpt")
+    logger = MetricLogger(tmp_path / "tb", 10, progress=False)
+    with caplog.at_level(logging.WARNING, logger="sora_jax.train.loop"):
+        state = run_loop(state=_toy_state(), step_fn=jax.jit(_toy_step), data_iter=_toy_data(), to_device=jnp.float32,
+                         total_steps=10, manager=manager, logger=logger, rng=jax.random.key(0), ckpt_every=0,
+                         max_minutes=1e-9)  # spent by the end of the first step
+    logger.close()
+    assert int(state.step) == 1 and checkpoint.make_manager(tmp_path / "ckpt").all_steps() == [1]
+    assert any("max_minutes=1e-09 spent at step 1 of 10" in r.getMessage() and "run again to resume" in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
+def test_stop_decisions_are_agreed_across_processes(monkeypatch):
+    """Several processes decide to stop (SIGTERM, time budget) together, at log steps, if any one would."""
+    from jax.experimental import multihost_utils
+
+    from sora_jax.train import loop
+
+    gathered = []
+
+    def allgather(x):  # this process's flag, and another process that wants to stop
+        gathered.append(int(x))
+        return np.array([int(x), 1], np.int32)
+
+    assert loop._any_process(True, 3, 10) and not loop._any_process(False, 10, 10)  # one process: its own flag
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    assert not loop._any_process(True, 3, 10) and gathered == []  # between log steps: no exchange, no stop
+    assert loop._any_process(False, 10, 10) and gathered == [0]  # the other process's flag stops this one
+
+
 # ---------------------------------------------------------------- the real trainer, in subprocesses
 # One chain of `sora-jax train` processes on 1 CPU device, sharing a persistent compilation cache:
 #   killed: kill -9 once step N is committed  -> resumed: resume, SIGTERM after a new step

@@ -50,21 +50,23 @@ def _sigterm_flag():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _stop_agreed(flag: threading.Event, step: int, every: int) -> bool:
-    """Whether any process got SIGTERM; every process must take the same decision or the saves deadlock.
+def _any_process(local: bool, step: int, every: int) -> bool:
+    """Whether `local` (SIGTERM seen, time budget spent) holds on any process; every process must take
+    the same decision to stop or the collective save deadlocks.
 
-    One process checks its flag every step. Several exchange flags only every `every` steps (the log
-    interval, where the loop waits for the device anyway): hosts are preempted at different moments,
-    so a local flag alone would leave some hosts in the collective save while others run the next
-    step, and an all-gather per step would stop the host from running ahead of the device.
+    One process checks every step. Several exchange flags only every `every` steps (the log interval,
+    where the loop waits for the device anyway): hosts are preempted, and read their clocks, at
+    different moments, so a local decision alone would leave some hosts in the collective save while
+    others run the next step, and an all-gather per step would stop the host from running ahead of
+    the device.
     """
     if jax.process_count() == 1:
-        return flag.is_set()
+        return bool(local)
     if step % every:
         return False
     from jax.experimental import multihost_utils
 
-    return bool(np.max(multihost_utils.process_allgather(np.int32(flag.is_set()))))
+    return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
 
 
 # The first step whose loss was not finite (0: none yet), kept on device so checking it is free
@@ -157,7 +159,7 @@ def run_loop(
                 pending = None
             if step % log_every == 0 or step == total_steps:
                 pending = (step, metrics, bad)
-            if _stop_agreed(sigterm, step, log_every):
+            if _any_process(sigterm.is_set(), step, log_every):
                 _check_finite(bad, manager)
                 if pending is not None:
                     logger.log(*pending[:2])
@@ -171,7 +173,11 @@ def run_loop(
                 checkpoint.save(manager, state, data_iter, rng=rng)
                 saved_step = step
             _run_periodic(periodic, state, step, logger)
-            if max_minutes and time.perf_counter() - start > 60.0 * max_minutes:
+            if max_minutes and _any_process(time.perf_counter() - start > 60.0 * max_minutes, step, log_every):
+                if step < total_steps:
+                    log.warning("time budget train.max_minutes=%g spent at step %d of %d: the learning-rate "
+                                "schedule is sized for %d steps and has not decayed; run again to resume",
+                                max_minutes, step, total_steps, total_steps)
                 break
     _check_finite(bad, manager)
     if pending is not None:
