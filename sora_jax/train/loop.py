@@ -175,9 +175,10 @@ def run_loop(
             _run_periodic(periodic, state, step, logger)
             if max_minutes and _any_process(time.perf_counter() - start > 60.0 * max_minutes, step, log_every):
                 if step < total_steps:
-                    log.warning("time budget train.max_minutes=%g spent at step %d of %d: the learning-rate "
-                                "schedule is sized for %d steps and has not decayed; run again to resume",
-                                max_minutes, step, total_steps, total_steps)
+                    # The loop does not see the schedule: optim.decay_steps may have sized it apart from train.steps.
+                    log.warning("time budget train.max_minutes=%g spent at step %d of %d: a learning-rate schedule "
+                                "sized for train.steps (optim.decay_steps unset) has not decayed; run again to resume",
+                                max_minutes, step, total_steps)
                 break
     _check_finite(bad, manager)
     if pending is not None:
