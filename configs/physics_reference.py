@@ -56,13 +56,15 @@ def reference_configs(
     dit_variant: str | None = None,
     dit_lr: float | None = None,
     dit_overrides: Sequence[str] = (),
+    vae_overrides: Sequence[str] = (),
 ) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
     """The VAE and DiT configs of a reference run with a total wall-time budget of `minutes`.
 
     `dit_variant` (default `variant`) sizes the DiT alone, so a bigger DiT can train on an existing
     run's VAE and latent cache; `dit_shape` ("num_layers=6,num_attention_heads=4,ffn_dim=512")
     overrides its shape; `dit_lr` its peak learning rate. `dit_overrides` ("model.attention=cudnn",
-    also "--config.model.attention=cudnn") are applied last, to the DiT config alone.
+    also "--config.model.attention=cudnn") are applied last, to the DiT config alone; `vae_overrides`
+    ("model.z_dim=16") likewise to the VAE config alone, after the reference recipe.
     """
     if minutes <= 0:
         raise ValueError(f"minutes must be > 0, got {minutes}; e.g. --minutes 90 on a 2-core CPU")
@@ -120,8 +122,9 @@ def reference_configs(
     # step-3000 VAE"); --num-train 4096 kept the two together.
     dit.train.eval_every = 500
     dit.eval.num_clips = dit.eval.train_clips = 32
-    try:
-        apply_overrides(dit, [o if o.startswith("--config.") else f"--config.{o}" for o in dit_overrides])
-    except ValueError as e:
-        raise ValueError(f"DiT override: {e}") from None
+    for name, cfg, overrides in (("VAE", vae, vae_overrides), ("DiT", dit, dit_overrides)):
+        try:
+            apply_overrides(cfg, [o if o.startswith("--config.") else f"--config.{o}" for o in overrides])
+        except ValueError as e:
+            raise ValueError(f"{name} override: {e}") from None
     return vae, dit

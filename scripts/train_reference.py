@@ -32,12 +32,15 @@ def main() -> None:
     p.add_argument("--dit-lr", type=float, default=None, help="DiT peak learning rate (default: the variant's)")
     p.add_argument("--dit-override", action="append", default=[], metavar="KEY=VALUE",
                    help="DiT config override, repeatable, e.g. model.attention=cudnn")
+    p.add_argument("--vae-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="VAE config override, repeatable, e.g. model.z_dim=16 (a new --outdir: it changes the VAE)")
     a = p.parse_args()
     try:
         vae_cfg, dit_cfg = reference_configs(a.outdir, a.minutes, num_train=a.num_train, variant=a.variant,
                                              vae_steps=a.vae_steps, dit_steps=a.dit_steps,
                                              dit_shape=a.dit_shape, dit_variant=a.dit_variant,
-                                             dit_lr=a.dit_lr, dit_overrides=a.dit_override)
+                                             dit_lr=a.dit_lr, dit_overrides=a.dit_override,
+                                             vae_overrides=a.vae_override)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     t0 = time.perf_counter()

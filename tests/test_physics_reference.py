@@ -79,3 +79,17 @@ def test_reference_dit_overrides_reach_the_dit_config_alone(tmp_path):
         reference_configs(tmp_path, 10, dit_overrides=["model.atention=cudnn"])
     with pytest.raises(ValueError, match="DiT override: .* has no value"):
         reference_configs(tmp_path, 10, dit_overrides=["model.attention"])
+
+
+def test_reference_vae_overrides_reach_the_vae_config_alone(tmp_path):
+    vae, dit = reference_configs(tmp_path, 10, vae_overrides=["model.z_dim=16", "--config.data.batch_size=8"])
+    base_vae, base_dit = reference_configs(tmp_path, 10)
+    # Applied after the reference recipe: its 4x4x4 compression stays, the latent widens.
+    cfg = vae_config_from(vae)
+    assert (cfg.z_dim, cfg.spatial_factor, vae.data.batch_size) == (16, 4, 8)
+    assert (vae_config_from(base_vae).z_dim, base_vae.data.batch_size) == (8, 4)
+    assert dit.to_dict() == base_dit.to_dict()
+    with pytest.raises(ValueError, match=r"VAE override: unknown config key 'model\.zdim'"):
+        reference_configs(tmp_path, 10, vae_overrides=["model.zdim=16"])
+    with pytest.raises(ValueError, match="VAE override: bad value 'wide'"):
+        reference_configs(tmp_path, 10, vae_overrides=["model.z_dim=wide"])
