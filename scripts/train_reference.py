@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--dit-override", action="append", default=[], metavar="KEY=VALUE",
                    help="DiT config override, repeatable, e.g. model.attention=cudnn")
     p.add_argument("--vae-override", action="append", default=[], metavar="KEY=VALUE",
-                   help="VAE config override, repeatable, e.g. model.z_dim=16 (a new --outdir: it changes the VAE)")
+                   help="VAE config override, repeatable, e.g. model.z_dim=16 (a changed VAE shape needs a new --outdir)")
     a = p.parse_args()
     try:
         vae_cfg, dit_cfg = reference_configs(a.outdir, a.minutes, num_train=a.num_train, variant=a.variant,
@@ -44,11 +44,17 @@ def main() -> None:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     t0 = time.perf_counter()
-    vae = train_vae(vae_cfg)
+    try:
+        vae = train_vae(vae_cfg)
+    except (ValueError, FileNotFoundError) as e:  # e.g. an --outdir whose VAE has another shape
+        raise SystemExit(f"error: VAE stage: {e}") from None
     print(f"VAE: {vae['step']} steps, held-out PSNR {vae['psnr']:.2f} dB, "
           f"parse error {vae.get('parse_error_px', float('nan')):.2f} px", flush=True)
     t1 = time.perf_counter()
-    dit = train_dit(dit_cfg)
+    try:
+        dit = train_dit(dit_cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: DiT stage: {e}") from None
     t2 = time.perf_counter()
     summary = {"minutes_budget": a.minutes, "vae_steps": vae["step"], "vae_psnr_db": vae["psnr"],
                "vae_ssim": vae["ssim"], "vae_psnr_by_latent_frame": vae["psnr_by_latent_frame"],

@@ -93,3 +93,32 @@ def test_reference_vae_overrides_reach_the_vae_config_alone(tmp_path):
         reference_configs(tmp_path, 10, vae_overrides=["model.zdim=16"])
     with pytest.raises(ValueError, match="VAE override: bad value 'wide'"):
         reference_configs(tmp_path, 10, vae_overrides=["model.z_dim=wide"])
+
+
+def _run_script(argv: list[str], monkeypatch) -> SystemExit:
+    """Run scripts/train_reference.py as a user would, and return the SystemExit it ends with."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setattr(sys, "argv", ["train_reference.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "train_reference.py"), run_name="__main__")
+    return e.value
+
+
+def test_train_reference_script_reports_bad_overrides_and_stage_errors_in_one_line(tmp_path, monkeypatch):
+    import sora_jax.train.vae_trainer as vae_trainer
+    from sora_jax.train.checkpoint import CheckpointError
+
+    bad = _run_script(["--outdir", str(tmp_path), "--vae-override", "model.zdim=16"], monkeypatch)
+    assert str(bad.code).startswith("error: VAE override: unknown config key 'model.zdim'")
+
+    # A VAE of another shape already in --outdir: train_vae cannot restore it and raises this.
+    def cannot_restore(config):
+        assert config.model.z_dim == 16  # the override reached the VAE stage
+        raise CheckpointError("no checkpoint in /x/vae/ckpt could be restored (step 3000: shapes differ)")
+
+    monkeypatch.setattr(vae_trainer, "train_vae", cannot_restore)
+    err = _run_script(["--outdir", str(tmp_path), "--vae-override", "model.z_dim=16"], monkeypatch)
+    assert str(err.code) == "error: VAE stage: no checkpoint in /x/vae/ckpt could be restored (step 3000: shapes differ)"
