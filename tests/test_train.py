@@ -165,13 +165,16 @@ def test_tiny_runs_trained_and_resume(tiny_runs, tmp_path):
     assert np.isfinite(vae["eval_history"][0]["eval/loss"]) and vae["eval_history"][0]["eval/mse"] > 0
     _assert_gif(tiny_runs["vae_cfg"].workdir, "samples/reconstruction", step=2,
                 size=(4 * tiny_runs["vae_cfg"].data.size, 2 * tiny_runs["vae_cfg"].data.size))
-    # Resume: asking for 3 steps continues from the saved step 2 and runs exactly one more.
+    # Resume: asking for 3 steps continues from the saved step 2 and runs exactly one more. The
+    # loss may change on resume (nothing of it is in the checkpoint): here foreground weighting.
     shutil.copytree(tiny_runs["vae_cfg"].workdir, tmp_path / "vae")
     cfg = apply_overrides(tiny_runs["vae_cfg"].copy_and_resolve_references(),
-                          ["--config.train.steps=3", f"--config.workdir={tmp_path}/vae"])
+                          ["--config.train.steps=3", f"--config.workdir={tmp_path}/vae", "--config.loss.fg_weight=4"])
     out = train_vae(cfg)
     assert out["step"] == 3
     assert [row["step"] for row in out["history"]] == [3]
+    row = out["history"][0]
+    assert 0.0 < row["fg_fraction"] < 1.0 and np.isfinite(row["fg_l1"]) and row["fg_l1"] > 0
 
 
 def test_restore_params_prefers_ema(tmp_path):

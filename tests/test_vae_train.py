@@ -61,6 +61,71 @@ def test_hinge_losses_on_hand_made_logits():
     assert float(hinge_g_loss(jnp.full((3,), 5.0))) == -5.0
 
 
+# --- foreground-weighted reconstruction loss --------------------------------------------------
+
+
+class _FixedRecon:
+    """Stands in for the VAE: apply returns the reconstruction held in params, and a zero posterior."""
+
+    def apply(self, params, video, sample_rng=None):
+        zeros = jnp.zeros((*video.shape[:-1], 2))
+        return params["recon"], zeros, zeros
+
+
+def _two_object_clip():
+    video = np.full((1, 2, 8, 8, 3), -0.8, np.float32)  # a dark background, as physics_balls'
+    video[:, :, 1:3, 1:3] = (0.9, -0.8, -0.8)  # a red square
+    video[:, 1, 5:7, 4:6] = (-0.8, -0.8, 0.7)  # a blue one, in the second frame only
+    return video
+
+
+def test_foreground_mask_finds_objects_and_grows_by_the_dilation():
+    from sora_jax.train.vae_trainer import foreground_mask
+
+    video = _two_object_clip()
+    mask = np.asarray(foreground_mask(jnp.asarray(video), 0.1, 0))[..., 0]
+    expected = np.zeros((1, 2, 8, 8), bool)
+    expected[:, :, 1:3, 1:3] = True
+    expected[:, 1, 5:7, 4:6] = True
+    np.testing.assert_array_equal(mask.astype(bool), expected)
+    # One pixel of dilation: each 2x2 square becomes its 4x4 neighbourhood (clipped at the edge).
+    grown = np.asarray(foreground_mask(jnp.asarray(video), 0.1, 1))[..., 0]
+    assert grown[0, 0].sum() == 16 and grown[0, 1].sum() == 32 and grown[0, 0, 0, 0] == 1
+    # A threshold above every object's distance from the background finds nothing.
+    assert float(foreground_mask(jnp.asarray(video), 2.0, 1).sum()) == 0.0
+
+
+def test_foreground_weighting_charges_object_errors_more_and_keeps_the_plain_metrics():
+    import ml_collections
+
+    from sora_jax.train.vae_trainer import vae_loss
+
+    video = _two_object_clip()
+    base = dict(l1=1.0, l2=0.0, kl=0.0, sample_posterior=False)
+    plain = ml_collections.ConfigDict(base)
+    weighted = ml_collections.ConfigDict(dict(base, fg_weight=9.0, fg_threshold=0.1, fg_dilate=0))
+
+    def loss(cfg, recon):
+        value, (metrics, _) = vae_loss(_FixedRecon(), cfg, {"recon": jnp.asarray(recon)}, jnp.asarray(video), None)
+        return float(value), {k: float(v) for k, v in metrics.items()}
+
+    on_object, on_background = video.copy(), video.copy()
+    on_object[0, 0, 1, 1, 1] += 0.5  # one channel of one red pixel
+    on_background[0, 0, 6, 1, 1] += 0.5  # the same error on the background
+    # Unweighted, where the error lies does not matter; the plain mean over 2*8*8*3 values.
+    assert loss(plain, on_object)[0] == pytest.approx(loss(plain, on_background)[0]) == pytest.approx(0.5 / 384)
+    # Weighted: 12 of 128 pixels are foreground, weight 10; total weight 12*10 + 116 = 236 pixels.
+    obj, obj_metrics = loss(weighted, on_object)
+    bg, bg_metrics = loss(weighted, on_background)
+    assert obj == pytest.approx(10 * 0.5 / (236 * 3), rel=1e-5)
+    assert bg == pytest.approx(0.5 / (236 * 3), rel=1e-5)
+    # The metrics stay plain means; fg_l1 averages over the 12 foreground pixels' channels.
+    assert obj_metrics["l1"] == bg_metrics["l1"] == pytest.approx(0.5 / 384)
+    assert obj_metrics["fg_l1"] == pytest.approx(0.5 / 36) and bg_metrics["fg_l1"] == 0.0
+    assert obj_metrics["fg_fraction"] == pytest.approx(12 / 128)
+    assert "fg_l1" not in loss(plain, on_object)[1]
+
+
 # --- VAE + GAN training ----------------------------------------------------------------------
 
 
