@@ -51,7 +51,7 @@ def test_parse_floor_on_rendered_ground_truth(scenes):
     for scene in scenes:
         m = clip_metrics(scene["video"], scene, K)
         assert m["count_acc"] == 1.0 and m["color_jaccard"] == 1.0 and m["miss_rate"] == 0.0
-        assert m["count_over"] == m["count_under"] == 0.0
+        assert m["count_over"] == m["count_under"] == m["phantom_colour"] == 0.0
         assert 0 < m["pos_err_px"] < 0.03, (scene["family"], m["pos_err_px"])
         assert m["vel_err_px"] < 0.05 and m["area_drift"] < 0.01 and m["flicker"] < 1e-6
         if scene["gravity_px"] > 0:
@@ -87,6 +87,7 @@ def test_missing_and_extra_ball(scenes):
     assert m["count_acc"] == 0.0 and m["miss_rate"] == pytest.approx(1 / n)
     assert m["count_under"] == 1.0 and m["count_over"] == 0.0
     assert m["pos_err_px"] < 0.05  # the balls that are there are where they should be
+    assert m["phantom_colour"] == 0.0
     assert m["color_jaccard"] == pytest.approx((n - 1) / n)
     extra_colour = next(c for c in range(6) if c not in colors[:n])
     extra_pos = np.concatenate([pos[:, :n], np.full((len(pos), 1, 2), size * 0.5)], axis=1)
@@ -96,6 +97,12 @@ def test_missing_and_extra_ball(scenes):
     assert m["count_acc"] == 0.0 and m["miss_rate"] <= 0.2
     assert m["count_over"] + m["count_under"] == 1.0 and m["count_over"] >= 0.8  # the ball may hide behind another
     assert m["color_jaccard"] < 1.0
+    # A colour no ball of the scene has: a phantom in every frame where it shows.
+    assert m["phantom_colour"] >= m["count_over"]
+    # The same extra ball in a colour the scene has (a ball torn in two): extra, but no phantom.
+    torn = render(extra_pos, np.append(radii[:n], 3.0), np.append(colors[:n], colors[0]), size)
+    m = clip_metrics(torn, scene, K)
+    assert m["count_over"] >= 0.8 and m["phantom_colour"] == 0.0
 
 
 def test_bad_prediction_shape(scenes):
@@ -129,7 +136,7 @@ def test_text_metrics_score_caption_against_clip(scenes):
     scene = next(s for s in scenes if s["family"] == "multi")
     m = text_metrics(scene["video"], scene["caption"], dt=scene["dt"], gravity_px=scene["gravity_px"])
     assert m["count_acc"] == 1.0 and m["color_jaccard"] == 1.0 and m["g_rel_err"] < 0.05
-    assert m["count_over"] == m["count_under"] == 0.0
+    assert m["count_over"] == m["count_under"] == m["phantom_colour"] == 0.0
     blank = np.broadcast_to(np.array(BACKGROUND, np.uint8), scene["video"].shape)
     empty = text_metrics(blank, scene["caption"], dt=scene["dt"], gravity_px=scene["gravity_px"])
     assert empty["count_under"] == 1.0 and empty["count_over"] == 0.0 and empty["count_acc"] == 0.0
@@ -371,6 +378,15 @@ def test_paired_comparison_of_reports(baseline_reports, tmp_path, capsys):
     sub = compare_reports(big, small, "copy_last", "copy_last")
     assert (sub["shared_scenes"], sub["only_a"], sub["only_b"]) == (4, 4, 0)
     assert sub["groups"]["id"]["pos_err_px"]["diff"] == 0
+    # A report from before a metric existed still pairs on the others; the missing one shows as "–".
+    legacy = json.loads(json.dumps(big))
+    for r in legacy["frames"]["scenes"]:
+        del r["phantom_colour"]
+    res = compare_reports(big, legacy, "copy_last", "copy_last")
+    assert res["groups"]["id"]["phantom_colour"]["pairs"] == 0 and res["groups"]["id"]["pos_err_px"]["pairs"] == 4
+    from sora_jax.eval.physics_compare import render_markdown
+
+    assert "| id | 4 | 1.000 / 1.000 / +0.000 ± 0.000 | – |" in render_markdown(res)
     other = json.loads(json.dumps(small))
     other["config"]["scenes"]["frames"] = 9
     with pytest.raises(ValueError, match="frames 17 vs 9"):

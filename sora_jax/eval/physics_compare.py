@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-PAIRED_KEYS = ("count_acc", "pos_err_px", "miss_rate", "vel_err_px", "color_jaccard")
-_LABELS = {"count_acc": "count acc", "pos_err_px": "pos err px", "miss_rate": "miss",
+PAIRED_KEYS = ("count_acc", "phantom_colour", "pos_err_px", "miss_rate", "vel_err_px", "color_jaccard")
+_LABELS = {"count_acc": "count acc", "phantom_colour": "phantom", "pos_err_px": "pos err px", "miss_rate": "miss",
            "vel_err_px": "vel err", "color_jaccard": "colour J"}
 
 

@@ -27,6 +27,11 @@ ERROR_KEYS = ("pos_err_px", "vel_err_px", "area_drift", "g_abs_err", "g_rel_err"
               "energy_change")
 
 
+def _phantom_rate(seen: list[set[str]], scene_colours: set[str]) -> float:
+    """Fraction of frames showing a blob of a colour outside `scene_colours`."""
+    return float(np.mean([bool(c - scene_colours) for c in seen]))
+
+
 def parse_video(video: np.ndarray, colors: np.ndarray, *, background=BACKGROUND, **kwargs) -> dict:
     """Tracks of the balls of `colors` [M] (-1: padding) in video [T,H,W,3].
 
@@ -201,6 +206,10 @@ def clip_metrics(
         # or two fused into one blob of a colour).
         "count_over": float(np.mean(got["count"][k0:] > n)),
         "count_under": float(np.mean(got["count"][k0:] < n)),
+        # Frames with a blob in a colour no ball of the scene has. On physics_balls the palette holds
+        # blends of its own colours (red + blue reads as magenta), so a decoder that smears two
+        # touching balls together shows up here, apart from a ball torn in two (count_over only).
+        "phantom_colour": _phantom_rate(got["colors"][k0:], {COLOR_NAMES[int(c)] for c in colors[:n]}),
         "color_jaccard": float(np.mean([_jaccard(c, ref_colours) for c in got["colors"][k0:]])),
         "area_drift": _nanmean(drift),
         "pos_err_px": _nanmean(err),
@@ -254,6 +263,7 @@ def text_metrics(video: np.ndarray, caption: str, *, dt: float, gravity_px: floa
         "count_acc": float(np.mean(got["count"] == want_n)),
         "count_over": float(np.mean(got["count"] > want_n)),
         "count_under": float(np.mean(got["count"] < want_n)),
+        "phantom_colour": _phantom_rate(got["colors"], want),
         "color_jaccard": float(np.mean([_jaccard(c, want) for c in got["colors"]])),
         "direction_acc": direction_ok,
         "area_drift": _nanmean(np.abs(area[1:] / area[:1] - 1.0)),

@@ -9,16 +9,18 @@ import numpy as np
 
 _FRAME_COLS = (
     ("count_acc", "count acc", "{:.2f}"), ("count_over", "count >n", "{:.2f}"),
-    ("count_under", "count <n", "{:.2f}"), ("color_jaccard", "colour J", "{:.2f}"),
-    ("area_drift", "area drift", "{:.3f}"), ("pos_err_px", "pos err px", "{:.2f}"),
+    ("count_under", "count <n", "{:.2f}"), ("phantom_colour", "phantom colour", "{:.2f}"),
+    ("color_jaccard", "colour J", "{:.2f}"), ("area_drift", "area drift", "{:.3f}"),
+    ("pos_err_px", "pos err px", "{:.2f}"),
     ("miss_rate", "miss", "{:.2f}"), ("vel_err_px", "vel err px/frame", "{:.2f}"),
     ("g_rel_err", "ĝ rel err", "{:.3f}"), ("momentum_change", "Δp", "{:.3f}"),
     ("energy_change", "ΔE", "{:.3f}"), ("flicker", "flicker", "{:.2f}"), ("psnr", "PSNR", "{:.1f}"),
     ("ssim", "SSIM", "{:.3f}"), ("fg_psnr", "fg PSNR", "{:.1f}"),
 )
 _TEXT_COLS = (("count_acc", "count acc", "{:.2f}"), ("count_over", "count >n", "{:.2f}"),
-              ("count_under", "count <n", "{:.2f}"), ("color_jaccard", "colour J", "{:.2f}"),
-              ("direction_acc", "direction acc", "{:.2f}"), ("g_hat", "ĝ px/s²", "{:.1f}"),
+              ("count_under", "count <n", "{:.2f}"), ("phantom_colour", "phantom colour", "{:.2f}"),
+              ("color_jaccard", "colour J", "{:.2f}"), ("direction_acc", "direction acc", "{:.2f}"),
+              ("g_hat", "ĝ px/s²", "{:.1f}"),
               ("g_rel_err", "ĝ rel err", "{:.2f}"), ("area_drift", "area drift", "{:.3f}"),
               ("flicker", "flicker", "{:.2f}"))
 _MULTIPLE_OF_FLOOR = ("pos_err_px", "vel_err_px", "g_rel_err", "area_drift", "momentum_change", "energy_change")
@@ -67,7 +69,8 @@ def render_markdown(report: dict) -> str:
         lines += ["", "### By object count (in distribution)", ""]
         lines += _table(frames["by_count"], "method / balls",
                         [c for c in _FRAME_COLS if c[0] in ("count_acc", "count_over", "count_under",
-                                                            "color_jaccard", "pos_err_px", "miss_rate", "vel_err_px")])
+                                                            "phantom_colour", "color_jaccard", "pos_err_px",
+                                                            "miss_rate", "vel_err_px")])
         if frames.get("phyworld"):
             lines += ["", "### PhyWorld velocity error on the uniform family (10-unit world)", "",
                       "| method / split | abs(mean v̂x − v0) (units/s) | × ground truth |", "|---|---|---|"]
