@@ -357,7 +357,7 @@ def test_per_scene_rows_match_the_summaries(baseline_reports):
 def test_paired_comparison_of_reports(baseline_reports, tmp_path, capsys):
     from sora_jax.cli import main
     from sora_jax.eval.physics_bench import write_report
-    from sora_jax.eval.physics_compare import compare_reports
+    from sora_jax.eval.physics_compare import compare_reports, render_markdown
 
     big, small = baseline_reports
     res = compare_reports(big, big, "copy_last", "resim_no_gravity")
@@ -384,8 +384,6 @@ def test_paired_comparison_of_reports(baseline_reports, tmp_path, capsys):
         del r["phantom_colour"]
     res = compare_reports(big, legacy, "copy_last", "copy_last")
     assert res["groups"]["id"]["phantom_colour"]["pairs"] == 0 and res["groups"]["id"]["pos_err_px"]["pairs"] == 4
-    from sora_jax.eval.physics_compare import render_markdown
-
     assert "| id | 4 | 1.000 / 1.000 / +0.000 ± 0.000 | – |" in render_markdown(res)
     other = json.loads(json.dumps(small))
     other["config"]["scenes"]["frames"] = 9
