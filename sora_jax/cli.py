@@ -170,11 +170,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--sample-seed", type=int,
                    help="the sampler's noise alone: re-score the same scenes with other noise (default: --seed)")
     pc = sub.add_parser("eval-physics-compare",
-                        help="paired comparison of two eval-physics reports on their shared scenes",
-                        description="Per split and family: each report's mean over the scenes both scored, and "
-                                    "the mean per-scene difference A - B with its standard error.")
-    pc.add_argument("a", help="eval-physics --out folder (or report.json) A")
-    pc.add_argument("b", help="eval-physics --out folder (or report.json) B")
+                        help="compare eval-physics reports: two runs paired by scene, or two recipes over seeds",
+                        description="One report per side: per split and family, each report's mean over the "
+                                    "scenes both scored, and the mean per-scene difference A - B with its "
+                                    "standard error (scene noise only). Several comma-separated reports on a side "
+                                    "(runs of one recipe with other seeds): each run's mean, and the recipes' "
+                                    "difference judged against the run-to-run spread, with a 95%% interval.")
+    pc.add_argument("a", help="eval-physics --out folder (or report.json) A; several runs: A1,A2,...")
+    pc.add_argument("b", help="eval-physics --out folder (or report.json) B; several runs: B1,B2,...")
     pc.add_argument("--method-a", default="model", help="row of A to compare (model, vae_roundtrip, copy_last, ...)")
     pc.add_argument("--method-b", default="model", help="row of B to compare")
     pc.add_argument("--json", help="also write the comparison here")
@@ -201,12 +204,20 @@ def _eval_physics(a) -> None:
 
 
 def _eval_physics_compare(a) -> None:
-    from sora_jax.eval.physics_compare import compare_reports, load_report, render_markdown
+    from sora_jax.eval import physics_compare as pc
 
-    result = compare_reports(load_report(a.a), load_report(a.b), a.method_a, a.method_b)
-    print(render_markdown(result, a.a, a.b))
+    paths_a, paths_b = ([x.strip() for x in arg.split(",") if x.strip()] for arg in (a.a, a.b))
+    if not paths_a or not paths_b:
+        raise ValueError("give at least one report on each side: eval-physics-compare A[,A2,...] B[,B2,...]")
+    ra, rb = [pc.load_report(p) for p in paths_a], [pc.load_report(p) for p in paths_b]
+    if len(ra) == len(rb) == 1:
+        result = pc.compare_reports(ra[0], rb[0], a.method_a, a.method_b)
+        print(pc.render_markdown(result, paths_a[0], paths_b[0]))
+    else:
+        result = pc.compare_runs(ra, rb, a.method_a, a.method_b)
+        print(pc.render_runs_markdown(result, paths_a, paths_b))
     if a.json:
-        Path(a.json).write_text(json.dumps(result | {"a": str(a.a), "b": str(a.b)}, indent=1))
+        Path(a.json).write_text(json.dumps(result | {"a": paths_a, "b": paths_b}, indent=1))
         print(f"wrote {a.json}")
 
 

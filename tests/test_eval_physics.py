@@ -404,3 +404,68 @@ def test_paired_comparison_of_reports(baseline_reports, tmp_path, capsys):
     assert len(err) == 1 and "no per-scene rows" in err[0]
     assert main(["eval-physics-compare", str(tmp_path / "a"), str(tmp_path / "nowhere")]) == 2
     assert "has no report.json" in capsys.readouterr().err
+
+
+def _shifted(report: dict, method: str, deltas: dict[str, float]) -> dict:
+    """A copy of `report` whose `method` rows have `deltas` added: a stand-in for another seed's run."""
+    out = json.loads(json.dumps(report))
+    for r in out["frames"]["scenes"]:
+        if r["method"] == method:
+            for k, d in deltas.items():
+                r[k] += d
+    return out
+
+
+def test_recipe_comparison_over_seed_runs(baseline_reports, tmp_path, capsys):
+    from sora_jax.cli import main
+    from sora_jax.eval.physics_bench import write_report
+    from sora_jax.eval.physics_compare import compare_reports, compare_runs, render_runs_markdown
+
+    big = baseline_reports[0]
+    base = {r["scene"]: r["pos_err_px"] for r in big["frames"]["scenes"] if r["method"] == "copy_last"}
+    a = [_shifted(big, "copy_last", {"pos_err_px": d}) for d in (0.1, 0.3)]
+    b = [_shifted(big, "copy_last", {"pos_err_px": d}) for d in (0.0, 0.0, 0.2)]
+    res = compare_runs(a, b, "copy_last", "copy_last")
+    assert (res["runs_a"], res["runs_b"], res["shared_scenes"]) == (2, 3, len(base))
+    got = res["groups"]["id"]["pos_err_px"]
+    m = np.mean([v for s, v in base.items() if s.split("/")[1] == "id"])
+    np.testing.assert_allclose(got["a_runs"], [m + 0.1, m + 0.3], rtol=1e-12)
+    np.testing.assert_allclose(got["b_runs"], [m, m, m + 0.2], rtol=1e-12)
+    # Pooled run-to-run variance: (0.02 + 0.0267) / 3 degrees of freedom; t(0.975, 3) = 3.1824.
+    sp2 = (2 * 0.1 ** 2 + 2 * (0.2 / 3) ** 2 + (0.4 / 3) ** 2) / 3
+    se = np.sqrt(sp2 * (1 / 2 + 1 / 3))
+    np.testing.assert_allclose([got["diff"], got["se"]], [0.2 - 0.2 / 3, se], rtol=1e-9)
+    np.testing.assert_allclose(got["ci95"], [got["diff"] - 3.18245 * se, got["diff"] + 3.18245 * se], rtol=1e-5)
+    assert got["df"] == 3 and got["ci95"][0] < 0 < got["ci95"][1]  # three seeds' spread does not rank a 0.13 gap
+    # The scene-paired error of one run against one run would call that same gap certain: it sees no seed noise.
+    paired = compare_reports(a[1], b[0], "copy_last", "copy_last")["groups"]["id"]["pos_err_px"]
+    assert paired["diff"] == pytest.approx(0.3) and paired["se"] < 1e-9
+    # Untouched metrics agree exactly across runs.
+    assert res["groups"]["id"]["count_acc"]["diff"] == 0 and res["groups"]["id"]["count_acc"]["se"] == 0
+    # A scene one run could not score leaves that metric, for every run, and no other.
+    holed = json.loads(json.dumps(b[2]))
+    hole = next(r for r in holed["frames"]["scenes"] if r["method"] == "copy_last" and r["split"] == "id")
+    hole["vel_err_px"] = float("nan")
+    res2 = compare_runs(a, b[:2] + [holed], "copy_last", "copy_last")["groups"]["id"]
+    assert res2["vel_err_px"]["scenes"] == res2["pos_err_px"]["scenes"] - 1 == res2["scenes"] - 1
+    # One run a side has no spread to judge by: the difference, no error.
+    one = compare_runs(a[:1], b[:1], "copy_last", "copy_last")["groups"]["id"]["pos_err_px"]
+    assert one["df"] == 0 and np.isnan(one["se"]) and one["diff"] == pytest.approx(0.1)
+    md = render_runs_markdown(res, ["s0", "s1"], ["s0", "s1", "s2"])
+    assert "A (2 runs, copy_last) vs B (3 runs, copy_last)" in md and "| B3 s2 | id | 1.000 |" in md
+    bad = json.loads(json.dumps(b[1]))
+    bad["config"]["scenes"]["size"] = 32
+    with pytest.raises(ValueError, match="report B2 scored a different setup"):
+        compare_runs(a, [b[0], bad], "copy_last", "copy_last")
+    # The CLI: comma-separated folders on a side compare recipes; an empty side is one line.
+    for name, r in zip(("a1", "a2", "b1", "b2", "b3"), a + b):
+        write_report(r, tmp_path / name)
+    runs_a, runs_b = (",".join(str(tmp_path / n) for n in names) for names in (("a1", "a2"), ("b1", "b2", "b3")))
+    assert main(["eval-physics-compare", runs_a, runs_b, "--method-a", "copy_last", "--method-b", "copy_last",
+                 "--json", str(tmp_path / "runs.json")]) == 0
+    assert "# Recipe comparison: A (2 runs" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "runs.json").read_text())
+    assert saved["groups"]["id"]["pos_err_px"]["df"] == 3 and len(saved["b"]) == 3
+    assert main(["eval-physics-compare", ",", runs_b]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "at least one report on each side" in err[0]
