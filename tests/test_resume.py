@@ -155,6 +155,7 @@ def test_no_readable_checkpoint_is_one_clear_error(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"could be restored \(step 2: .*; step 1: ") as e:
         checkpoint.restore(checkpoint.make_manager(tmp_path / "ckpt"), _toy_state())
     assert len(str(e.value).splitlines()) == 1
+    assert "--config.workdir" in str(e.value) and "--outdir" in str(e.value)  # both entry points' fix
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["1", "2"]  # nothing moved when nothing loads
 
 

@@ -121,7 +121,8 @@ def _with_fallback(manager: ocp.CheckpointManager, load: Callable[[int], Any], *
     raise CheckpointError(
         f"no checkpoint in {manager.directory} could be restored ("
         + "; ".join(f"step {s}: {r}" for s, r in bad)
-        + "); fix or remove them, or start a new --config.workdir"
+        + "); fix or remove them, or train into a new directory (--config.workdir; --outdir for "
+        "scripts/train_reference.py)"
     )
 
 
