@@ -212,15 +212,16 @@ def test_stop_decisions_are_agreed_across_processes(monkeypatch):
 
     gathered = []
 
-    def allgather(x):  # this process's flag, and another process that wants to stop
-        gathered.append(int(x))
-        return np.array([int(x), 1], np.int32)
+    def allgather(x):  # this process's flags, and another process that has spent its time budget
+        gathered.append(np.asarray(x).tolist())
+        return np.stack([np.asarray(x, np.int32), np.array([0, 1], np.int32)])
 
-    assert loop._any_process(True, 3, 10) and not loop._any_process(False, 10, 10)  # one process: its own flag
+    assert loop._stop_flags(True, False, 3, 10) == (True, False)  # one process: its own flags, every step
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
-    assert not loop._any_process(True, 3, 10) and gathered == []  # between log steps: no exchange, no stop
-    assert loop._any_process(False, 10, 10) and gathered == [0]  # the other process's flag stops this one
+    assert loop._stop_flags(True, True, 3, 10) == (False, False) and gathered == []  # between log steps: no exchange
+    assert loop._stop_flags(True, False, 10, 10) == (True, True)  # one exchange carries both decisions
+    assert gathered == [[1, 0]]
 
 
 # ---------------------------------------------------------------- the real trainer, in subprocesses

@@ -50,23 +50,24 @@ def _sigterm_flag():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _any_process(local: bool, step: int, every: int) -> bool:
-    """Whether `local` (SIGTERM seen, time budget spent) holds on any process; every process must take
-    the same decision to stop or the collective save deadlocks.
+def _stop_flags(sigterm: bool, over_budget: bool, step: int, every: int) -> tuple[bool, bool]:
+    """Whether any process has seen SIGTERM, and whether any has spent its time budget; every process
+    must take the same decision to stop or the collective save deadlocks.
 
-    One process checks every step. Several exchange flags only every `every` steps (the log interval,
-    where the loop waits for the device anyway): hosts are preempted, and read their clocks, at
-    different moments, so a local decision alone would leave some hosts in the collective save while
-    others run the next step, and an all-gather per step would stop the host from running ahead of
-    the device.
+    One process checks every step. Several exchange both flags in one all-gather, only every `every`
+    steps (the log interval, where the loop waits for the device anyway): hosts are preempted, and
+    read their clocks, at different moments, so a local decision alone would leave some hosts in the
+    collective save while others run the next step, and an all-gather per step would stop the host
+    from running ahead of the device.
     """
     if jax.process_count() == 1:
-        return bool(local)
+        return bool(sigterm), bool(over_budget)
     if step % every:
-        return False
+        return False, False
     from jax.experimental import multihost_utils
 
-    return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
+    flags = np.asarray(multihost_utils.process_allgather(np.array([sigterm, over_budget], np.int32)))
+    return bool(flags[..., 0].max()), bool(flags[..., 1].max())
 
 
 # The first step whose loss was not finite (0: none yet), kept on device so checking it is free
@@ -159,7 +160,10 @@ def run_loop(
                 pending = None
             if step % log_every == 0 or step == total_steps:
                 pending = (step, metrics, bad)
-            if _any_process(sigterm.is_set(), step, log_every):
+            stop, out_of_time = _stop_flags(sigterm.is_set(),
+                                            bool(max_minutes) and time.perf_counter() - start > 60.0 * max_minutes,
+                                            step, log_every)
+            if stop:
                 _check_finite(bad, manager)
                 if pending is not None:
                     logger.log(*pending[:2])
@@ -173,7 +177,7 @@ def run_loop(
                 checkpoint.save(manager, state, data_iter, rng=rng)
                 saved_step = step
             _run_periodic(periodic, state, step, logger)
-            if max_minutes and _any_process(time.perf_counter() - start > 60.0 * max_minutes, step, log_every):
+            if out_of_time:
                 if step < total_steps:
                     # The loop does not see the schedule: optim.decay_steps may have sized it apart from train.steps.
                     log.warning("time budget train.max_minutes=%g spent at step %d of %d: a learning-rate schedule "
