@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from sora_jax.data.physics import BACKGROUND, COLOR_NAMES, render
+from sora_jax.data.physics import BACKGROUND, COLOR_NAMES, PALETTE_RGB, render
 from sora_jax.eval import physics_baselines as baselines
 from sora_jax.eval.physics_bench import latent_aligned
 from sora_jax.eval.physics_metrics import clip_metrics, parse_video, text_metrics
@@ -52,6 +52,7 @@ def test_parse_floor_on_rendered_ground_truth(scenes):
         m = clip_metrics(scene["video"], scene, K)
         assert m["count_acc"] == 1.0 and m["color_jaccard"] == 1.0 and m["miss_rate"] == 0.0
         assert m["count_over"] == m["count_under"] == m["phantom_colour"] == 0.0
+        assert m["colour_err"] < 0.5  # RGB units: the cores are the palette colour itself
         assert 0 < m["pos_err_px"] < 0.03, (scene["family"], m["pos_err_px"])
         assert m["vel_err_px"] < 0.05 and m["area_drift"] < 0.01 and m["flicker"] < 1e-6
         if scene["gravity_px"] > 0:
@@ -73,7 +74,7 @@ def test_empty_frames(scenes):
     m = clip_metrics(pred, scene, K)
     assert m["count_acc"] == 0.0 and m["miss_rate"] == 1.0 and m["color_jaccard"] == 0.0
     assert m["count_under"] == 1.0 and m["count_over"] == 0.0
-    assert np.isnan(m["pos_err_px"]) and np.isnan(m["g_hat"])
+    assert np.isnan(m["pos_err_px"]) and np.isnan(m["g_hat"]) and np.isnan(m["colour_err"])
     # A black frame scores well on full-frame PSNR of a sparse scene, not on foreground PSNR.
     assert m["fg_psnr"] < m["psnr"] - 5
 
@@ -103,6 +104,22 @@ def test_missing_and_extra_ball(scenes):
     torn = render(extra_pos, np.append(radii[:n], 3.0), np.append(colors[:n], colors[0]), size)
     m = clip_metrics(torn, scene, K)
     assert m["count_over"] >= 0.8 and m["phantom_colour"] == 0.0
+
+
+def test_colour_error_measures_a_shifted_ball(scenes):
+    """A ball decoded in the wrong shade: still counted and placed, and colour_err says by how much."""
+    scene = _two_ball(scenes)
+    video, n = scene["video"].astype(np.int64), scene["num_balls"]
+    ball = np.all(video == PALETTE_RGB[int(scene["colors"][0])].astype(np.int64), axis=-1)
+    shift = np.array([30, -30, 0])
+    shifted = video.copy()
+    shifted[ball] = np.clip(shifted[ball] + shift, 0, 255)
+    m = clip_metrics(shifted.astype(np.uint8), scene, K)
+    assert m["count_acc"] == 1.0 and m["phantom_colour"] == 0.0 and m["pos_err_px"] < 0.05
+    # The mean over a frame's blobs: one of n balls off by |shift|, the others exact.
+    assert m["colour_err"] == pytest.approx(np.linalg.norm(shift) / n, rel=0.02)
+    t = text_metrics(shifted.astype(np.uint8), scene["caption"], dt=scene["dt"], gravity_px=scene["gravity_px"])
+    assert t["colour_err"] == pytest.approx(np.linalg.norm(shift) / n, rel=0.02)
 
 
 def test_bad_prediction_shape(scenes):

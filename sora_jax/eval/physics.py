@@ -71,7 +71,7 @@ def detect_balls(
     background: tuple[int, int, int] = BACKGROUND,
     weighted: bool = True,
 ) -> list[dict]:
-    """Finds palette-coloured blobs in one frame: [{color, x, y, area, pixels, edge}] by decreasing area.
+    """Finds palette-coloured blobs in one frame: [{color, x, y, area, pixels, edge, rgb_err}] by decreasing area.
 
     Pixels are labelled by nearest colour (gated by `max_dist`) and grouped into 4-connected
     components; `pixels` counts a component's labelled pixels and gates it against `min_area`.
@@ -80,7 +80,10 @@ def detect_balls(
     labelled background) counts with its fraction. At finite resolution that is what makes the
     centroid sub-pixel accurate. `edge` is True when the blob touches the frame border (its
     centroid is then biased inwards). `weighted=False` gives the plain centroid and pixel count of
-    the labelled pixels instead (a hard-mask parse, as simpler pipelines use).
+    the labelled pixels instead (a hard-mask parse, as simpler pipelines use). `rgb_err` is the RGB
+    distance (0-255 units) from the blob's palette colour to the mean of its core: its labelled
+    pixels less a one-pixel border, so the anti-aliased rim does not count (all of them if nothing
+    is left).
     """
     rgb = _to_rgb255(frame)
     h, w = rgb.shape[:2]
@@ -115,6 +118,8 @@ def detect_balls(
         area = float(wgt.sum())
         if area <= 0.0:
             continue
+        core = own & ~dilate(~own)
+        core = core if core.any() else own
         balls.append({
             "color": COLOR_NAMES[c],
             "x": float((wgt * xs).sum() / area),
@@ -122,6 +127,7 @@ def detect_balls(
             "area": area,
             "pixels": int(pixels[i]),
             "edge": bool(own[0].any() or own[-1].any() or own[:, 0].any() or own[:, -1].any()),
+            "rgb_err": float(np.linalg.norm(rgb[core].mean(axis=0) - PALETTE_RGB[c])),
         })
     return sorted(balls, key=lambda b: -b["area"])
 

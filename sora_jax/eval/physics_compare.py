@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-PAIRED_KEYS = ("count_acc", "phantom_colour", "pos_err_px", "miss_rate", "vel_err_px", "color_jaccard")
-_LABELS = {"count_acc": "count acc", "phantom_colour": "phantom", "pos_err_px": "pos err px", "miss_rate": "miss",
-           "vel_err_px": "vel err", "color_jaccard": "colour J"}
+PAIRED_KEYS = ("count_acc", "phantom_colour", "colour_err", "pos_err_px", "miss_rate", "vel_err_px",
+               "color_jaccard")
+_LABELS = {"count_acc": "count acc", "phantom_colour": "phantom", "colour_err": "colour err",
+           "pos_err_px": "pos err px", "miss_rate": "miss", "vel_err_px": "vel err", "color_jaccard": "colour J"}
 
 
 def load_report(path: str | Path) -> dict:

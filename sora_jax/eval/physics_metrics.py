@@ -36,7 +36,8 @@ def parse_video(video: np.ndarray, colors: np.ndarray, *, background=BACKGROUND,
     """Tracks of the balls of `colors` [M] (-1: padding) in video [T,H,W,3].
 
     Returns xy [T,M,2] and area [T,M] of the largest blob of each ball's colour (nan if none),
-    count [T] (all blobs) and colours [T] (sets of colour names seen).
+    count [T] (all blobs), colours [T] (sets of colour names seen) and rgb_err [T] (the mean over a
+    frame's blobs of their core's distance from their palette colour; nan if none).
     """
     video, colors = np.asarray(video), np.asarray(colors)
     if video.ndim != 4 or video.shape[-1] != 3:
@@ -45,11 +46,14 @@ def parse_video(video: np.ndarray, colors: np.ndarray, *, background=BACKGROUND,
     xy = np.full((t_len, m, 2), np.nan)
     area = np.full((t_len, m), np.nan)
     count = np.zeros(t_len, np.int64)
+    rgb_err = np.full(t_len, np.nan)
     seen = []
     for t, frame in enumerate(video):
         blobs = detect_balls(frame, background=background, **kwargs)
         count[t] = len(blobs)
         seen.append({b["color"] for b in blobs})
+        if blobs:
+            rgb_err[t] = np.mean([b["rgb_err"] for b in blobs])
         largest: dict[str, dict] = {}
         for b in blobs:  # by decreasing area
             largest.setdefault(b["color"], b)
@@ -58,7 +62,7 @@ def parse_video(video: np.ndarray, colors: np.ndarray, *, background=BACKGROUND,
             if b is not None:
                 xy[t, k] = b["x"], b["y"]
                 area[t, k] = b["area"]
-    return {"xy": xy, "area": area, "count": count, "colors": seen}
+    return {"xy": xy, "area": area, "count": count, "colors": seen, "rgb_err": rgb_err}
 
 
 def _object_mask(video: np.ndarray, background) -> np.ndarray:
@@ -211,6 +215,10 @@ def clip_metrics(
         # touching balls together shows up here, apart from a ball torn in two (count_over only).
         "phantom_colour": _phantom_rate(got["colors"][k0:], {COLOR_NAMES[int(c)] for c in colors[:n]}),
         "color_jaccard": float(np.mean([_jaccard(c, ref_colours) for c in got["colors"][k0:]])),
+        # How far the balls' own colour is off (RGB units): a decoder whose colours drift puts
+        # other palette colours on the rims, where they blend with the background, long before a
+        # core reads as the wrong colour.
+        "colour_err": _nanmean(got["rgb_err"][k0:]),
         "area_drift": _nanmean(drift),
         "pos_err_px": _nanmean(err),
         "pos_err_t": pos_err_t,
@@ -265,6 +273,7 @@ def text_metrics(video: np.ndarray, caption: str, *, dt: float, gravity_px: floa
         "count_under": float(np.mean(got["count"] < want_n)),
         "phantom_colour": _phantom_rate(got["colors"], want),
         "color_jaccard": float(np.mean([_jaccard(c, want) for c in got["colors"]])),
+        "colour_err": _nanmean(got["rgb_err"]),
         "direction_acc": direction_ok,
         "area_drift": _nanmean(np.abs(area[1:] / area[:1] - 1.0)),
         "g_hat": gravity_estimate(got["xy"], dt),

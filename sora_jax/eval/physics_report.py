@@ -10,8 +10,8 @@ import numpy as np
 _FRAME_COLS = (
     ("count_acc", "count acc", "{:.2f}"), ("count_over", "count >n", "{:.2f}"),
     ("count_under", "count <n", "{:.2f}"), ("phantom_colour", "phantom colour", "{:.2f}"),
-    ("color_jaccard", "colour J", "{:.2f}"), ("area_drift", "area drift", "{:.3f}"),
-    ("pos_err_px", "pos err px", "{:.2f}"),
+    ("color_jaccard", "colour J", "{:.2f}"), ("colour_err", "colour err", "{:.1f}"),
+    ("area_drift", "area drift", "{:.3f}"), ("pos_err_px", "pos err px", "{:.2f}"),
     ("miss_rate", "miss", "{:.2f}"), ("vel_err_px", "vel err px/frame", "{:.2f}"),
     ("g_rel_err", "ĝ rel err", "{:.3f}"), ("momentum_change", "Δp", "{:.3f}"),
     ("energy_change", "ΔE", "{:.3f}"), ("flicker", "flicker", "{:.2f}"), ("psnr", "PSNR", "{:.1f}"),
@@ -19,7 +19,8 @@ _FRAME_COLS = (
 )
 _TEXT_COLS = (("count_acc", "count acc", "{:.2f}"), ("count_over", "count >n", "{:.2f}"),
               ("count_under", "count <n", "{:.2f}"), ("phantom_colour", "phantom colour", "{:.2f}"),
-              ("color_jaccard", "colour J", "{:.2f}"), ("direction_acc", "direction acc", "{:.2f}"),
+              ("color_jaccard", "colour J", "{:.2f}"), ("colour_err", "colour err", "{:.1f}"),
+              ("direction_acc", "direction acc", "{:.2f}"),
               ("g_hat", "ĝ px/s²", "{:.1f}"),
               ("g_rel_err", "ĝ rel err", "{:.2f}"), ("area_drift", "area drift", "{:.3f}"),
               ("flicker", "flicker", "{:.2f}"))
@@ -69,7 +70,8 @@ def render_markdown(report: dict) -> str:
         lines += ["", "### By object count (in distribution)", ""]
         lines += _table(frames["by_count"], "method / balls",
                         [c for c in _FRAME_COLS if c[0] in ("count_acc", "count_over", "count_under",
-                                                            "phantom_colour", "color_jaccard", "pos_err_px",
+                                                            "phantom_colour", "color_jaccard", "colour_err",
+                                                            "pos_err_px",
                                                             "miss_rate", "vel_err_px")])
         if frames.get("phyworld"):
             lines += ["", "### PhyWorld velocity error on the uniform family (10-unit world)", "",
