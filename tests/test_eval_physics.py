@@ -453,7 +453,7 @@ def test_recipe_comparison_over_seed_runs(baseline_reports, tmp_path, capsys):
     se = np.sqrt(sp2 * (1 / 2 + 1 / 3))
     np.testing.assert_allclose([got["diff"], got["se"]], [0.2 - 0.2 / 3, se], rtol=1e-9)
     np.testing.assert_allclose(got["ci95"], [got["diff"] - 3.18245 * se, got["diff"] + 3.18245 * se], rtol=1e-5)
-    assert got["df"] == 3 and got["ci95"][0] < 0 < got["ci95"][1]  # three seeds' spread does not rank a 0.13 gap
+    assert got["df"] == 3 and got["ci95"][0] < 0 < got["ci95"][1]  # five runs' spread does not rank a 0.13 gap
     # The scene-paired error of one run against one run would call that same gap certain: it sees no seed noise.
     paired = compare_reports(a[1], b[0], "copy_last", "copy_last")["groups"]["id"]["pos_err_px"]
     assert paired["diff"] == pytest.approx(0.3) and paired["se"] < 1e-9
@@ -470,6 +470,7 @@ def test_recipe_comparison_over_seed_runs(baseline_reports, tmp_path, capsys):
     assert one["df"] == 0 and np.isnan(one["se"]) and one["diff"] == pytest.approx(0.1)
     md = render_runs_markdown(res, ["s0", "s1"], ["s0", "s1", "s2"])
     assert "A (2 runs, copy_last) vs B (3 runs, copy_last)" in md and "| B3 s2 | id | 1.000 |" in md
+    assert "3 degrees of freedom" in md and res["df"] == 3
     bad = json.loads(json.dumps(b[1]))
     bad["config"]["scenes"]["size"] = 32
     with pytest.raises(ValueError, match="report B2 scored a different setup"):

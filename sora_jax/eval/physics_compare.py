@@ -160,14 +160,14 @@ def compare_runs(a: list[dict], b: list[dict], method_a: str = "model", method_b
                       "ci95": [diff - half, diff + half]}
         groups[name] = row
     return {"method_a": method_a, "method_b": method_b, "keys": list(keys), "runs_a": na, "runs_b": nb,
-            "shared_scenes": len(shared), "setup": ref, "groups": groups}
+            "df": df, "shared_scenes": len(shared), "setup": ref, "groups": groups}
 
 
 def render_runs_markdown(result: dict, labels_a: list[str], labels_b: list[str]) -> str:
     """`compare_runs` as markdown: each run's means over all shared scenes, then recipe A / B / A - B
     ± run-to-run standard error [95% interval] per group and metric."""
     keys = result["keys"]
-    first = next(iter(result["groups"].values()))
+
     def runs(n: int) -> str:
         return f"{n} run" + ("s" if n != 1 else "")
 
@@ -175,7 +175,7 @@ def render_runs_markdown(result: dict, labels_a: list[str], labels_b: list[str])
              f"({runs(result['runs_b'])}, {result['method_b']})", "",
              f"{result['shared_scenes']} scenes scored by every run. Runs differ by training noise (seed, data "
              "order), so the error of A - B comes from the spread of the runs' means (pooled over both recipes, "
-             f"{first[keys[0]].get('df', 0)} degrees of freedom), not from the scenes.", "",
+             f"{result['df']} degrees of freedom), not from the scenes.", "",
              "## Each run, over its split's scenes", "",
              "| run | split | " + " | ".join(_LABELS.get(k, k) for k in keys) + " |",
              "|---|---|" + "---|" * len(keys)]

@@ -215,9 +215,10 @@ def clip_metrics(
         # touching balls together shows up here, apart from a ball torn in two (count_over only).
         "phantom_colour": _phantom_rate(got["colors"][k0:], {COLOR_NAMES[int(c)] for c in colors[:n]}),
         "color_jaccard": float(np.mean([_jaccard(c, ref_colours) for c in got["colors"][k0:]])),
-        # How far the balls' own colour is off (RGB units): a decoder whose colours drift puts
-        # other palette colours on the rims, where they blend with the background, long before a
-        # core reads as the wrong colour.
+        # How far the balls' own colour is off (RGB units). A ball decoded in the wrong shade is read
+        # as a neighbouring palette colour on its rim, where the shade mixes with the background, so
+        # a drifting decoder shows extra blobs (a magenta ball with a red rim) while its cores still
+        # parse as the right colour.
         "colour_err": _nanmean(got["rgb_err"][k0:]),
         "area_drift": _nanmean(drift),
         "pos_err_px": _nanmean(err),
