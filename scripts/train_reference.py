@@ -49,7 +49,8 @@ def main() -> None:
     except (ValueError, FileNotFoundError) as e:  # e.g. an --outdir whose VAE has another shape
         raise SystemExit(f"error: VAE stage: {e}") from None
     print(f"VAE: {vae['step']} steps, held-out PSNR {vae['psnr']:.2f} dB, "
-          f"parse error {vae.get('parse_error_px', float('nan')):.2f} px", flush=True)
+          f"parse error {vae.get('parse_error_px', float('nan')):.2f} px, "
+          f"ball colour error {vae.get('parse_colour_err', float('nan')):.1f} RGB", flush=True)
     t1 = time.perf_counter()
     try:
         dit = train_dit(dit_cfg)
@@ -60,7 +61,8 @@ def main() -> None:
                "vae_ssim": vae["ssim"], "vae_psnr_by_latent_frame": vae["psnr_by_latent_frame"],
                "vae_parse_error_px": vae.get("parse_error_px"),
                "vae_parse_miss_rate": vae.get("parse_miss_rate"),
-               "vae_parse_spurious_per_frame": vae.get("parse_spurious_per_frame"), "dit_steps": dit["step"],
+               "vae_parse_spurious_per_frame": vae.get("parse_spurious_per_frame"),
+               "vae_parse_colour_err": vae.get("parse_colour_err"), "dit_steps": dit["step"],
                "dit_final_loss": dit["final"].get("loss"), "vae_s": t1 - t0, "dit_s": t2 - t1,
                # Fixed-noise losses on held-out vs training clips at the last evaluation.
                "dit_eval": {k: v for k, v in (dit["eval_history"] or [{}])[-1].items()

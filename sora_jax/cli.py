@@ -243,7 +243,8 @@ def _train(a, extra) -> None:
         print(f"VAE step {out['step']}: loss {out['final'].get('loss', float('nan')):.4f}, "
               f"held-out PSNR {out['psnr']:.2f} dB, SSIM {out['ssim']:.3f}, ball parse error "
               f"{out.get('parse_error_px', float('nan')):.2f} px (true clips "
-              f"{out.get('parse_error_true_px', float('nan')):.2f} px); checkpoints in {config.workdir}")
+              f"{out.get('parse_error_true_px', float('nan')):.2f} px), ball colour error "
+              f"{out.get('parse_colour_err', float('nan')):.1f} RGB; checkpoints in {config.workdir}")
         print("held-out PSNR per latent frame (dB): " + ", ".join(f"{v:.2f}" for v in out["psnr_by_latent_frame"]))
     else:
         from sora_jax.train.dit_trainer import train_dit

@@ -174,6 +174,7 @@ def test_vae_gan_train_warmup_checkpoint_and_resume(tmp_path):
     assert isinstance(out["psnr"], float) and np.isfinite(out["psnr"])
     assert -1.0 <= out["ssim"] <= 1.0
     assert out["parse_error_true_px"] < 0.5 and out["parse_miss_rate_true"] == 0.0
+    assert out["parse_colour_err_true"] < 0.5  # true clips' ball cores are their palette colour
 
     # Checkpoints hold the discriminator: unchanged by the warm-up step, updated after adv_start.
     init, _, _ = create_vae_state(cfg, mesh, rules, jax.random.split(jax.random.key(cfg.seed))[0])
@@ -298,6 +299,12 @@ def test_parse_error_small_on_truth_and_grows_with_a_shift():
     shifted = np.concatenate([np.repeat(videos[:, :, :, :1], 3, axis=3), videos[:, :, :, :-3]], axis=3)
     moved = parse_error(shifted, pos, cols)
     assert moved["error_px"] == pytest.approx(3.0, abs=0.3) and moved["miss_rate"] == 0.0
+    assert truth["colour_err"] < 0.5 and moved["colour_err"] < 0.5  # a shift moves balls, not colours
+    # Every ball pixel 12 RGB units brighter in each channel (~20.8 units off), background untouched.
+    u8 = np.stack([e["video"] for e in exs]).astype(np.float32)
+    ball = np.abs(u8 - np.asarray(BACKGROUND, np.float32)).sum(-1, keepdims=True) > 0
+    tinted = np.clip(u8 + 12.0 * ball, 0, 255) / 127.5 - 1.0
+    assert parse_error(tinted, pos, cols)["colour_err"] == pytest.approx(12 * np.sqrt(3), abs=1.0)
 
     # Misses and spurious blobs are counted apart from the error.
     ex = exs[0]

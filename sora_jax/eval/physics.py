@@ -184,6 +184,7 @@ def centroid_errors(
     indices (-1: padding), as stored by the dataset. Palette colours are distinct within a clip, so
     a ball is matched to the largest blob of its colour (what a parser would report); a ball
     without such a blob is a miss, and blobs of colours not in the clip are spurious.
+    `colour_errs` holds each matched blob's `rgb_err` (its core's RGB distance from the palette).
     """
     video, positions, colors = np.asarray(video), np.asarray(positions), np.asarray(colors)
     if video.ndim != 4 or positions.shape != (video.shape[0], colors.shape[0], 2):
@@ -193,7 +194,7 @@ def centroid_errors(
         )
     real = [k for k in range(colors.shape[0]) if colors[k] >= 0]
     names = {COLOR_NAMES[int(colors[k])] for k in real}
-    errors, misses, spurious = [], 0, 0
+    errors, colour_errs, misses, spurious = [], [], 0, 0
     for t, frame in enumerate(video):
         largest: dict[str, dict] = {}
         for b in detect_balls(frame, max_dist=max_dist, min_area=min_area):  # by decreasing area
@@ -205,7 +206,8 @@ def centroid_errors(
                 misses += 1
             else:
                 errors.append(float(np.hypot(b["x"] - positions[t, k, 0], b["y"] - positions[t, k, 1])))
-    return {"errors": np.array(errors), "misses": misses, "spurious": spurious,
+                colour_errs.append(float(b["rgb_err"]))
+    return {"errors": np.array(errors), "colour_errs": np.array(colour_errs), "misses": misses, "spurious": spurious,
             "balls": len(real) * video.shape[0], "frames": video.shape[0]}
 
 
@@ -214,15 +216,18 @@ def parse_error(
 ) -> dict[str, float]:
     """Ball-centroid parse error of clips [B,T,H,W,3] vs simulator truth, pooled over the batch.
 
-    Returns error_px (mean over matched ball-frames; nan if none matched), miss_rate (fraction
-    of true ball-frames with no blob of the ball's colour) and spurious_per_frame.
+    Returns error_px and colour_err (means over matched ball-frames of the centroid error and of
+    the blob core's RGB distance from its palette colour, 0-255 units; nan if none matched),
+    miss_rate (fraction of true ball-frames with no blob of the ball's colour) and spurious_per_frame.
     """
     per_clip = [centroid_errors(v, p, c, **kwargs) for v, p, c in zip(videos, positions, colors, strict=True)]
     errors = np.concatenate([c["errors"] for c in per_clip]) if per_clip else np.zeros(0)
+    colour = np.concatenate([c["colour_errs"] for c in per_clip]) if per_clip else np.zeros(0)
     balls = sum(c["balls"] for c in per_clip)
     frames = sum(c["frames"] for c in per_clip)
     return {
         "error_px": float(errors.mean()) if errors.size else float("nan"),
+        "colour_err": float(colour.mean()) if colour.size else float("nan"),
         "miss_rate": sum(c["misses"] for c in per_clip) / max(balls, 1),
         "spurious_per_frame": sum(c["spurious"] for c in per_clip) / max(frames, 1),
     }

@@ -125,25 +125,37 @@ def make_vae_periodic(model: CausalVAE, config: ml_collections.ConfigDict, mesh,
     """Held-out reconstruction loss every train.eval_every steps, reconstructions every train.sample_every.
 
     Fixed clips (the first of the test split, a multiple of the batch shards) and the posterior mean,
-    so the numbers move only with the weights. Videos: originals over reconstructions.
+    so the numbers move only with the weights. When the source stores the simulator state, the
+    reconstructions are also parsed (eval/parse_error_px, eval/parse_spurious_per_frame,
+    eval/parse_colour_err): a run that decodes balls in the wrong shade shows it while training.
+    Videos: originals over reconstructions.
     """
     t = config.train
     if not (t.get("eval_every", 0) or t.get("sample_every", 0)):
         return ()
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     n = max(shards, config.eval.num_clips // shards * shards)
-    clips = numpy_batch(test_source, [i % len(test_source) for i in range(n)])["video"]
+    batch = numpy_batch(test_source, [i % len(test_source) for i in range(n)])
+    clips = batch["video"]
 
     @functools.partial(jax.jit, out_shardings=replicated(mesh))
     def evaluate(params):
         _, (metrics, recon) = vae_loss(model, config.loss, params, clips, None)
         return {f"eval/{k}": v for k, v in metrics.items()}, recon
 
+    def scalars(state):
+        metrics, recon = evaluate(state.eval_params)
+        if "positions" in batch and "colors" in batch:
+            rec = parse_error(np.asarray(recon, np.float32), batch["positions"], batch["colors"])
+            metrics |= {"eval/parse_error_px": rec["error_px"], "eval/parse_colour_err": rec["colour_err"],
+                        "eval/parse_spurious_per_frame": rec["spurious_per_frame"]}
+        return metrics
+
     def videos(state):
         recon = np.asarray(evaluate(state.eval_params)[1][:4], np.float32)
         return {"samples/reconstruction": video_grid(np.concatenate([clips[:4], recon]), columns=len(recon))}
 
-    return (Periodic(int(t.get("eval_every", 0)), lambda state: evaluate(state.eval_params)[0]),
+    return (Periodic(int(t.get("eval_every", 0)), scalars),
             Periodic(int(t.get("sample_every", 0)), videos, kind="videos"))
 
 
@@ -357,7 +369,9 @@ def evaluate_vae(model: CausalVAE, params, source, num_clips: int) -> dict[str, 
     psnr (dB) over [-1, 1] pixels, also per latent frame (psnr_by_latent_frame), and the standard
     ssim (of [0, 1] intensities); when the source stores the simulator state, the
     ball-centroid parse error (px) of the reconstructions and, as its floor, of the true clips:
-    parse_error_px / parse_error_true_px is the issue's "<= 1.5x ground truth" ratio.
+    parse_error_px / parse_error_true_px is the issue's "<= 1.5x ground truth" ratio. Likewise
+    parse_colour_err (and parse_colour_err_true): the parsed balls' core colour against the palette
+    in RGB units, which flags a VAE that decodes balls in the wrong shade (docs/benchmarks.md).
     """
     batch = numpy_batch(source, range(min(num_clips, len(source))))
     clips = batch["video"]
@@ -377,7 +391,8 @@ def evaluate_vae(model: CausalVAE, params, source, num_clips: int) -> dict[str, 
         true = parse_error(clips, batch["positions"], batch["colors"])
         out.update(
             parse_error_px=rec["error_px"], parse_miss_rate=rec["miss_rate"],
-            parse_spurious_per_frame=rec["spurious_per_frame"],
+            parse_spurious_per_frame=rec["spurious_per_frame"], parse_colour_err=rec["colour_err"],
             parse_error_true_px=true["error_px"], parse_miss_rate_true=true["miss_rate"],
+            parse_colour_err_true=true["colour_err"],
         )
     return out
