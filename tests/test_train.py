@@ -163,10 +163,14 @@ def test_tiny_runs_trained_and_resume(tiny_runs, tmp_path):
     # The VAE's periodic hooks ran at step 2: held-out losses, and originals over reconstructions.
     assert [r["step"] for r in vae["eval_history"]] == [2]
     assert np.isfinite(vae["eval_history"][0]["eval/loss"]) and vae["eval_history"][0]["eval/mse"] > 0
-    # The tiny source stores the simulator state, so the reconstructions were parsed too.
-    parsed = {k: vae["eval_history"][0][k] for k in ("eval/parse_error_px", "eval/parse_colour_err",
-                                                     "eval/parse_spurious_per_frame")}
-    assert parsed["eval/parse_spurious_per_frame"] >= 0, parsed
+    # The tiny source stores the simulator state, so the reconstructions were parsed too: at step 2
+    # the same weights and (its 4 held-out clips, each twice) the same clips as the final evaluation,
+    # so the same numbers; a parse of the originals instead would give a finite error (< 0.5 px).
+    row = vae["eval_history"][0]
+    for key in ("parse_error_px", "parse_colour_err", "parse_spurious_per_frame"):
+        got, want = row[f"eval/{key}"], vae[key]
+        assert np.isnan(got) == np.isnan(want) and (np.isnan(want) or got == pytest.approx(want, rel=1e-3)), key
+    assert row["eval/parse_spurious_per_frame"] >= 0
     _assert_gif(tiny_runs["vae_cfg"].workdir, "samples/reconstruction", step=2,
                 size=(4 * tiny_runs["vae_cfg"].data.size, 2 * tiny_runs["vae_cfg"].data.size))
     # Resume: asking for 3 steps continues from the saved step 2 and runs exactly one more. The
