@@ -19,6 +19,7 @@ from sora_jax.config_overrides import apply_overrides
 from sora_jax.data.physics import format_combos
 from sora_jax.eval.physics_scenes import HELD_OUT_COMBOS
 from sora_jax.models.dit import dit_config
+from sora_jax.train.vae_select import seed_candidates
 
 # Shares of the wall-time budget; the rest is data, latent caching and compiles. On CPU the VAE's
 # convs dominate and its reconstructions bound every pixel metric, so it gets the larger share.
@@ -57,6 +58,7 @@ def reference_configs(
     dit_lr: float | None = None,
     dit_overrides: Sequence[str] = (),
     vae_overrides: Sequence[str] = (),
+    vae_seeds: int = 1,
 ) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
     """The VAE and DiT configs of a reference run with a total wall-time budget of `minutes`.
 
@@ -64,13 +66,17 @@ def reference_configs(
     run's VAE and latent cache; `dit_shape` ("num_layers=6,num_attention_heads=4,ffn_dim=512")
     overrides its shape; `dit_lr` its peak learning rate. `dit_overrides` ("model.attention=cudnn",
     also "--config.model.attention=cudnn") are applied last, to the DiT config alone; `vae_overrides`
-    ("model.z_dim=16") likewise to the VAE config alone, after the reference recipe.
+    ("model.z_dim=16") likewise to the VAE config alone, after the reference recipe. `vae_seeds` > 1
+    splits the VAE's share of the budget (time and default steps) among that many seed runs, of which
+    `vae_candidates` makes the configs and `select_vae` keeps one.
     """
     if minutes <= 0:
         raise ValueError(f"minutes must be > 0, got {minutes}; e.g. --minutes 90 on a 2-core CPU")
     for name, n in (("vae_steps", vae_steps), ("dit_steps", dit_steps)):
         if n is not None and n < 1:
             raise ValueError(f"{name} must be >= 1, got {n}; leave it out to size it from --minutes")
+    if vae_seeds < 1:
+        raise ValueError(f"vae_seeds must be >= 1, got {vae_seeds}; e.g. --vae-seeds 3")
     if dit_lr is not None and not dit_lr > 0:
         raise ValueError(f"dit_lr must be > 0, got {dit_lr}; e.g. --dit-lr 2e-4")
     dit_variant = dit_variant or variant
@@ -100,9 +106,9 @@ def reference_configs(
     # tokens (320 at 1x2x2); docs/benchmarks.md has the A/B and the reference run.
     vae.model.dim_mult = (1, 2, 4)
     vae.model.temporal_downsample = (True, True)
-    vae.train.steps = vae_steps or max(50, int(VAE_STEPS_PER_MIN * VAE_SHARE * minutes))
+    vae.train.steps = vae_steps or max(50, int(VAE_STEPS_PER_MIN * VAE_SHARE * minutes / vae_seeds))
     dit.train.steps = dit_steps or max(50, int(DIT_STEPS_PER_MIN * DIT_SHARE * minutes))
-    vae.train.max_minutes = VAE_SHARE * minutes
+    vae.train.max_minutes = VAE_SHARE * minutes / vae_seeds
     dit.train.max_minutes = DIT_SHARE * minutes
     # Frame-conditioned prediction is the benchmark's main protocol: most examples see their first
     # k latent frames clean (k uniform in [1, T'-1]); a few see only frame 0; 30% stay text-only.
@@ -128,3 +134,10 @@ def reference_configs(
         except ValueError as e:
             raise ValueError(f"{name} override: {e}") from None
     return vae, dit
+
+
+def vae_candidates(vae: ml_collections.ConfigDict, vae_seeds: int) -> list[ml_collections.ConfigDict]:
+    """The VAE runs a reference run trains: `vae` itself, or one per seed in <outdir>/vae_seeds/seed<N>."""
+    if vae_seeds == 1:
+        return [vae]
+    return seed_candidates(vae, vae_seeds, Path(vae.workdir).parent / "vae_seeds")

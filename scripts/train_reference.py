@@ -5,16 +5,20 @@
 
 Rerunning the same command resumes both stages from their checkpoints. Step counts default to what
 fits --minutes on 2 CPU cores (rates in configs/physics_reference.py); on an accelerator pass
---vae-steps / --dit-steps and a --minutes large enough not to stop them.
+--vae-steps / --dit-steps and a --minutes large enough not to stop them. --vae-seeds N trains the VAE
+under N seeds (in <outdir>/vae_seeds/seed<N>, sharing the VAE's budget) and trains the DiT on the one
+whose held-out balls decode closest to their palette colours (<outdir>/vae_selection.json).
 """
 
 import argparse
 import json
 import time
 
-from configs.physics_reference import reference_configs
+from pathlib import Path
+
+from configs.physics_reference import reference_configs, vae_candidates
 from sora_jax.train.dit_trainer import train_dit
-from sora_jax.train.vae_trainer import train_vae
+from sora_jax.train.vae_select import SELECTION_FILE, select_vae
 
 
 def main() -> None:
@@ -34,30 +38,38 @@ def main() -> None:
                    help="DiT config override, repeatable, e.g. model.attention=cudnn")
     p.add_argument("--vae-override", action="append", default=[], metavar="KEY=VALUE",
                    help="VAE config override, repeatable, e.g. model.z_dim=16 (a changed VAE shape needs a new --outdir)")
+    p.add_argument("--vae-seeds", type=int, default=1,
+                   help="train the VAE under this many seeds and keep the lowest held-out ball colour error")
     a = p.parse_args()
     try:
         vae_cfg, dit_cfg = reference_configs(a.outdir, a.minutes, num_train=a.num_train, variant=a.variant,
                                              vae_steps=a.vae_steps, dit_steps=a.dit_steps,
                                              dit_shape=a.dit_shape, dit_variant=a.dit_variant,
                                              dit_lr=a.dit_lr, dit_overrides=a.dit_override,
-                                             vae_overrides=a.vae_override)
+                                             vae_overrides=a.vae_override, vae_seeds=a.vae_seeds)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     t0 = time.perf_counter()
+    def report(cfg, vae):
+        print(f"VAE {cfg.workdir}: {vae['step']} steps, held-out PSNR {vae['psnr']:.2f} dB, "
+              f"parse error {vae.get('parse_error_px', float('nan')):.2f} px, "
+              f"ball colour error {vae.get('parse_colour_err', float('nan')):.1f} RGB", flush=True)
+
     try:
-        vae = train_vae(vae_cfg)
+        chosen = select_vae(vae_candidates(vae_cfg, a.vae_seeds), Path(a.outdir) / SELECTION_FILE, on_candidate=report)
     except (ValueError, FileNotFoundError) as e:  # e.g. an --outdir whose VAE has another shape
         raise SystemExit(f"error: VAE stage: {e}") from None
-    print(f"VAE: {vae['step']} steps, held-out PSNR {vae['psnr']:.2f} dB, "
-          f"parse error {vae.get('parse_error_px', float('nan')):.2f} px, "
-          f"ball colour error {vae.get('parse_colour_err', float('nan')):.1f} RGB", flush=True)
+    vae, dit_cfg.vae_workdir = chosen["metrics"], chosen["workdir"]
+    if a.vae_seeds > 1:
+        print(f"VAE: kept seed {chosen['seed']} ({chosen['workdir']}) of {a.vae_seeds}", flush=True)
     t1 = time.perf_counter()
     try:
         dit = train_dit(dit_cfg)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: DiT stage: {e}") from None
     t2 = time.perf_counter()
-    summary = {"minutes_budget": a.minutes, "vae_steps": vae["step"], "vae_psnr_db": vae["psnr"],
+    summary = {"minutes_budget": a.minutes, "vae_workdir": chosen["workdir"], "vae_seed": chosen["seed"],
+               "vae_steps": vae["step"], "vae_psnr_db": vae["psnr"],
                "vae_ssim": vae["ssim"], "vae_psnr_by_latent_frame": vae["psnr_by_latent_frame"],
                "vae_parse_error_px": vae.get("parse_error_px"),
                "vae_parse_miss_rate": vae.get("parse_miss_rate"),

@@ -122,3 +122,60 @@ def test_train_reference_script_reports_bad_overrides_and_stage_errors_in_one_li
     monkeypatch.setattr(vae_trainer, "train_vae", cannot_restore)
     err = _run_script(["--outdir", str(tmp_path), "--vae-override", "model.z_dim=16"], monkeypatch)
     assert str(err.code) == "error: VAE stage: no checkpoint in /x/vae/ckpt could be restored (step 3000: shapes differ)"
+
+
+def test_reference_vae_seeds_share_the_vae_budget_and_get_their_own_folders(tmp_path):
+    from configs.physics_reference import vae_candidates
+
+    vae, dit = reference_configs(tmp_path, 90, vae_seeds=3, vae_overrides=["seed=5"])
+    one, _ = reference_configs(tmp_path, 90)
+    assert vae.train.steps == int(VAE_STEPS_PER_MIN * VAE_SHARE * 90 / 3)
+    assert vae.train.max_minutes == pytest.approx(one.train.max_minutes / 3)
+    assert dit.to_dict() == reference_configs(tmp_path, 90)[1].to_dict()  # the DiT's budget is its own
+    assert vae_candidates(one, 1) == [one]  # one seed: the run folder as before, so old runs resume
+    runs = vae_candidates(vae, 3)
+    assert [c.seed for c in runs] == [5, 6, 7]
+    assert [c.workdir for c in runs] == [str(tmp_path / "vae_seeds" / f"seed{s}") for s in (5, 6, 7)]
+    for c in runs:  # nothing but the seed and the folder differs
+        other = c.to_dict()
+        other.update(seed=vae.seed, workdir=vae.workdir)
+        assert other == vae.to_dict()
+    with pytest.raises(ValueError, match="vae_seeds must be >= 1"):
+        reference_configs(tmp_path, 10, vae_seeds=0)
+
+
+def test_train_reference_script_trains_the_dit_on_the_chosen_seed(tmp_path, monkeypatch, capsys):
+    import json
+
+    import sora_jax.train.dit_trainer as dit_trainer
+    import sora_jax.train.vae_trainer as vae_trainer
+
+    # Seed 1 decodes the balls closest to their colours; seed 2 parsed no ball at all.
+    colour = {0: 9.0, 1: 4.5, 2: float("nan")}
+    seen = []
+
+    def fake_vae(config):
+        seen.append(config.workdir)
+        return {"step": int(config.train.steps), "psnr": 28.0, "ssim": 0.9, "psnr_by_latent_frame": [28.0],
+                "parse_error_px": 0.3, "parse_colour_err": colour[int(config.seed)], "eval_history": []}
+
+    def fake_dit(config):
+        seen.append(("dit", config.vae_workdir))
+        return {"step": 1, "final": {"loss": 0.5}, "eval_history": []}
+
+    monkeypatch.setattr(vae_trainer, "train_vae", fake_vae)
+    monkeypatch.setattr(dit_trainer, "train_dit", fake_dit)
+    import runpy
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setattr(sys, "argv", ["train_reference.py", "--outdir", str(tmp_path), "--vae-seeds", "3"])
+    runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "train_reference.py"), run_name="__main__")
+    chosen = str(tmp_path / "vae_seeds" / "seed1")
+    assert seen == [str(tmp_path / "vae_seeds" / f"seed{s}") for s in range(3)] + [("dit", chosen)]
+    out = capsys.readouterr().out
+    assert f"kept seed 1 ({chosen}) of 3" in out
+    summary = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    assert (summary["vae_seed"], summary["vae_workdir"], summary["vae_parse_colour_err"]) == (1, chosen, 4.5)
+    record = json.loads((tmp_path / "vae_selection.json").read_text())
+    assert record["workdir"] == chosen and [c["parse_colour_err"] for c in record["candidates"]] == [9.0, 4.5, None]
