@@ -413,3 +413,18 @@ def _assert_gif(workdir, tag: str, *, step: int, size: tuple[int, int]) -> None:
     assert [e.step for e in images] == [step]
     gif = Image.open(io.BytesIO(images[0].encoded_image_string))
     assert gif.format == "GIF" and gif.size == size
+
+
+def test_resuming_a_dit_on_another_vaes_latents_is_flagged(tiny_runs, tmp_path):
+    """The trained tiny DiT's own run.json: its VAE's weights pass; other weights give one warning line."""
+    from sora_jax.train.dit_trainer import RUN_FILE, resumed_on_other_vae
+
+    workdir = tiny_runs["dit_cfg"].workdir
+    run = checkpoint.read_json(f"{workdir}/{RUN_FILE}")
+    own = {"vae_step": run["vae_step"], "vae_params": run["vae_params"]}
+    assert resumed_on_other_vae(workdir, own) is None
+    other = {"vae_step": run["vae_step"] + 1, "vae_params": "f" * len(run["vae_params"])}
+    msg = resumed_on_other_vae(workdir, other)
+    assert msg is not None and "\n" not in msg
+    assert run["vae_params"] in msg and other["vae_params"] in msg and "new --config.workdir" in msg
+    assert resumed_on_other_vae(tmp_path, other) is None  # no run record yet: a fresh run

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from sora_jax.train.vae_trainer import load_vae
 
 DIT_CONFIG_FILE = "dit_config.json"
 RUN_FILE = "run.json"
+log = logging.getLogger(__name__)
 
 
 def mask_rates(diff_cfg: ml_collections.ConfigDict) -> MaskRates:
@@ -178,6 +180,23 @@ def dit_periodic(config: ml_collections.ConfigDict, workdir: Path, model: DiT, m
                              seed=int(config.seed), train_rows=train_rows)
 
 
+def resumed_on_other_vae(workdir: str | Path, vae_id: dict[str, Any]) -> str | None:
+    """A warning line when the run in workdir was trained on latents of other VAE weights, else None.
+
+    Resuming then goes on from weights fitted to another latent space: intended when the VAE trained
+    on in place (a rerun of a time-budgeted reference run), a mistake when the folder was reused.
+    """
+    run = Path(workdir) / RUN_FILE
+    if not run.is_file():
+        return None
+    old = checkpoint.read_json(run)
+    if old.get("vae_params") in (None, vae_id["vae_params"]):
+        return None
+    return (f"resuming the DiT in {workdir}, trained on latents of the VAE in {old.get('vae_workdir')} "
+            f"(step {old.get('vae_step')}, weights {old.get('vae_params')}), on another VAE's latents "
+            f"(step {vae_id['vae_step']}, weights {vae_id['vae_params']}); for a fresh run pass a new --config.workdir")
+
+
 def train_dit(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Train (or resume) a DiT run in config.workdir on latents of the VAE in config.vae_workdir."""
     workdir = Path(config.workdir).absolute()
@@ -213,6 +232,8 @@ def train_dit(config: ml_collections.ConfigDict) -> dict[str, Any]:
     data_iter = train_loader(config, cache_dir, per_process)
     if manager.latest_step() is not None:
         state = checkpoint.restore(manager, state, data_iter)
+        if (warning := resumed_on_other_vae(workdir, vae_id)) is not None:
+            log.warning(warning)
     checkpoint.write_json_atomic(workdir / DIT_CONFIG_FILE, dataclass_to_json(dit_cfg))
     checkpoint.write_json_atomic(workdir / RUN_FILE, {
         "vae_workdir": str(Path(config.vae_workdir).absolute()),
