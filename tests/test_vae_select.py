@@ -28,7 +28,7 @@ def test_select_refuses_no_candidates_and_bad_seed_counts(tmp_path):
 
 
 def test_select_trains_each_seed_for_real_and_keeps_the_lowest_colour_error(tiny_runs, tmp_path):
-    """Two real seed runs of the tiny VAE; the choice, the record, and a rerun that trains nothing."""
+    """Two real seed runs of the tiny VAE (one step each); the choice and its record."""
     from sora_jax.train.vae_trainer import load_vae
 
     base = tiny_runs["vae_cfg"].copy_and_resolve_references()
@@ -48,9 +48,6 @@ def test_select_trains_each_seed_for_real_and_keeps_the_lowest_colour_error(tiny
     assert [c["seed"] for c in record["candidates"]] == [base.seed, base.seed + 1]
     for c, e in zip(record["candidates"], errs, strict=True):
         assert c["step"] == 1 and (c["parse_colour_err"] is None if math.isnan(e) else c["parse_colour_err"] == e)
-    # The chosen folder is a loadable VAE run (what the DiT stage is pointed at).
+    # The chosen folder is a loadable VAE run (what the DiT stage is pointed at). Resuming a finished
+    # run is train_vae's (test_train); a rerun here would cost two more compiles for nothing new.
     load_vae(first["workdir"])
-    # A rerun resumes both finished runs (no step taken) and makes the same choice.
-    again = select_vae(runs, tmp_path / "sel.json")
-    assert again["seed"] == first["seed"] and [c["step"] for c in again["candidates"]] == [1, 1]
-    assert again["metrics"]["psnr"] == pytest.approx(first["metrics"]["psnr"], rel=1e-6)
