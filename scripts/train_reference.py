@@ -13,7 +13,6 @@ whose held-out balls decode closest to their palette colours (<outdir>/vae_selec
 import argparse
 import json
 import time
-
 from pathlib import Path
 
 from configs.physics_reference import reference_configs, vae_candidates
@@ -49,12 +48,13 @@ def main() -> None:
                                              vae_overrides=a.vae_override, vae_seeds=a.vae_seeds)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    t0 = time.perf_counter()
+
     def report(cfg, vae):
         print(f"VAE {cfg.workdir}: {vae['step']} steps, held-out PSNR {vae['psnr']:.2f} dB, "
               f"parse error {vae.get('parse_error_px', float('nan')):.2f} px, "
               f"ball colour error {vae.get('parse_colour_err', float('nan')):.1f} RGB", flush=True)
 
+    t0 = time.perf_counter()
     try:
         chosen = select_vae(vae_candidates(vae_cfg, a.vae_seeds), Path(a.outdir) / SELECTION_FILE, on_candidate=report)
     except (ValueError, FileNotFoundError) as e:  # e.g. an --outdir whose VAE has another shape
