@@ -426,5 +426,5 @@ def test_resuming_a_dit_on_another_vaes_latents_is_flagged(tiny_runs, tmp_path):
     other = {"vae_step": run["vae_step"] + 1, "vae_params": "f" * len(run["vae_params"])}
     msg = resumed_on_other_vae(workdir, other)
     assert msg is not None and "\n" not in msg
-    assert run["vae_params"] in msg and other["vae_params"] in msg and "new --config.workdir" in msg
+    assert run["vae_params"] in msg and other["vae_params"] in msg and "new --config.workdir" in msg and "new --outdir" in msg
     assert resumed_on_other_vae(tmp_path, other) is None  # no run record yet: a fresh run

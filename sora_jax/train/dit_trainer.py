@@ -192,9 +192,10 @@ def resumed_on_other_vae(workdir: str | Path, vae_id: dict[str, Any]) -> str | N
     old = checkpoint.read_json(run)
     if old.get("vae_params") in (None, vae_id["vae_params"]):
         return None
-    return (f"resuming the DiT in {workdir}, trained on latents of the VAE in {old.get('vae_workdir')} "
-            f"(step {old.get('vae_step')}, weights {old.get('vae_params')}), on another VAE's latents "
-            f"(step {vae_id['vae_step']}, weights {vae_id['vae_params']}); for a fresh run pass a new --config.workdir")
+    return (f"resuming the DiT in {workdir} (trained on latents of the VAE in {old.get('vae_workdir')}, "
+            f"step {old.get('vae_step')}, weights {old.get('vae_params')}) on another VAE's latents "
+            f"(step {vae_id['vae_step']}, weights {vae_id['vae_params']}); for a fresh run pass a new "
+            "--config.workdir (scripts/train_reference.py: a new --outdir)")
 
 
 def train_dit(config: ml_collections.ConfigDict) -> dict[str, Any]:
