@@ -65,22 +65,19 @@ def select_vae(
         raise ValueError("select_vae needs at least one candidate config")
     if train_fn is None:
         from sora_jax.train.vae_trainer import train_vae as train_fn
-    rows = []
+    results = []
     for cfg in configs:
-        metrics = train_fn(cfg)
+        results.append(train_fn(cfg))
         if on_candidate is not None:
-            on_candidate(cfg, metrics)
-        rows.append({"seed": int(cfg.seed), "workdir": str(Path(cfg.workdir).absolute()),
-                     **{k: metrics[k] for k in _REPORTED if k in metrics}, "_metrics": metrics})
-    best = min(range(len(rows)), key=lambda i: rank_key(rows[i]["_metrics"]))
-    chosen = rows[best]["_metrics"]
-    for r in rows:
-        del r["_metrics"]
+            on_candidate(cfg, results[-1])
+    rows = [{"seed": int(cfg.seed), "workdir": str(Path(cfg.workdir).absolute()),
+             **{k: m[k] for k in _REPORTED if k in m}} for cfg, m in zip(configs, results, strict=True)]
+    best = min(range(len(rows)), key=lambda i: rank_key(results[i]))
     summary = {"key": SELECTION_KEY, "seed": rows[best]["seed"], "workdir": rows[best]["workdir"],
                "candidates": rows}
     # NaN is not JSON; a candidate with no parsed ball records null.
     checkpoint.write_json_atomic(out_file, _json_safe(summary))
-    return {**summary, "metrics": chosen}
+    return {**summary, "metrics": results[best]}
 
 
 def _json_safe(obj: Any) -> Any:
