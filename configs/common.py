@@ -66,6 +66,9 @@ def optim_config(lr: float, warmup: int) -> ml_collections.ConfigDict:
             "lr": lr,
             "warmup_steps": warmup,
             "decay_steps": 0,  # length of the LR schedule; 0: train.steps
+            # "budget": the decay also follows the wall time against train.max_minutes, ending
+            # decayed when the budget stops the run first (sora_jax.train.state.make_optimizer).
+            "schedule_clock": "steps",
             "min_lr_ratio": 0.1,
             "weight_decay": 0.01,
             "b1": 0.9,

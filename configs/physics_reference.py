@@ -25,8 +25,9 @@ from sora_jax.train.vae_select import seed_candidates
 # convs dominate and its reconstructions bound every pixel metric, so it gets the larger share.
 VAE_SHARE, DIT_SHARE = 0.5, 0.38
 # Steps per minute of each stage on the 2-core CPU VM this was sized on (tiny variants, no other
-# load). The default step counts fill each stage's share of `minutes` at these rates, so that the
-# cosine schedule decays within the budget; on an accelerator pass vae_steps / dit_steps instead.
+# load). The default step counts fill each stage's share of `minutes` at these rates; the learning
+# rate decays over the steps or the time, whichever ends first (optim.schedule_clock="budget"), so
+# a slower machine still ends annealed. On an accelerator pass vae_steps / dit_steps.
 VAE_STEPS_PER_MIN, DIT_STEPS_PER_MIN = 39.0, 90.0
 # DiT shape fields `dit_shape` may override: a width/depth sweep without a new named variant.
 DIT_SHAPE_FIELDS = ("num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim")
@@ -110,6 +111,12 @@ def reference_configs(
     dit.train.steps = dit_steps or max(50, int(DIT_STEPS_PER_MIN * DIT_SHARE * minutes))
     vae.train.max_minutes = VAE_SHARE * minutes / vae_seeds
     dit.train.max_minutes = DIT_SHARE * minutes
+    for c in (vae, dit):
+        # The step counts are sized from one machine's rates (or passed for an accelerator, where the
+        # rate drifts within a run): the learning rate decays over whichever ends first, so a slower
+        # machine or a cut budget still ends annealed. Runs trained before this need
+        # --vae-override/--dit-override optim.schedule_clock=steps to resume.
+        c.optim.schedule_clock = "budget"
     # Frame-conditioned prediction is the benchmark's main protocol: most examples see their first
     # k latent frames clean (k uniform in [1, T'-1]); a few see only frame 0; 30% stay text-only.
     dit.diffusion.mask_rates.first_k = 0.6

@@ -3,9 +3,11 @@
     python scripts/train_reference.py --outdir runs_ref --minutes 90      # documented 2-core CPU budget
     sora-jax eval-physics --checkpoint runs_ref/dit --out runs_ref/bench  # its benchmark table
 
-Rerunning the same command resumes both stages from their checkpoints. Step counts default to what
-fits --minutes on 2 CPU cores (rates in configs/physics_reference.py); on an accelerator pass
---vae-steps / --dit-steps and a --minutes large enough not to stop them. --vae-seeds N trains the VAE
+Rerunning the same command resumes both stages from their checkpoints; a stage whose share of
+--minutes is spent trains no further (a larger --minutes extends it). Step counts default to what
+fits --minutes on 2 CPU cores (rates in configs/physics_reference.py); each stage's learning rate
+decays over its steps or its time, whichever ends first. On an accelerator pass --vae-steps /
+--dit-steps. --vae-seeds N trains the VAE
 under N seeds (in <outdir>/vae_seeds/seed<N>, sharing the VAE's budget) and trains the DiT on the one
 whose held-out balls decode closest to their palette colours (<outdir>/vae_selection.json).
 """

@@ -22,6 +22,12 @@ def test_reference_vae_is_4x4x4_and_steps_follow_the_budget(tmp_path):
     longer, _ = reference_configs(tmp_path, 180)
     assert longer.train.steps > vae.train.steps
     assert vae.train.max_minutes == pytest.approx(VAE_SHARE * 90)
+    # Both stages end annealed whether their steps or their time runs out first; runs trained under
+    # the steps clock resume with an override.
+    assert vae.optim.schedule_clock == dit.optim.schedule_clock == "budget"
+    old_vae, old_dit = reference_configs(tmp_path, 90, vae_overrides=["optim.schedule_clock=steps"],
+                                         dit_overrides=["optim.schedule_clock=steps"])
+    assert old_vae.optim.schedule_clock == old_dit.optim.schedule_clock == "steps"
     # The DiT learns frame conditioning with given frames at timestep 0, at sampling's noise shift.
     assert mask_rates(dit.diffusion).enabled and dit.diffusion.given_t0
     assert dit.diffusion.shift == dit.sample.shift == 3.0

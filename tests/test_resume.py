@@ -204,6 +204,65 @@ def test_time_budget_stops_saves_and_says_the_schedule_is_unfinished(tmp_path, c
                for r in caplog.records), caplog.text
 
 
+def _clock_state(budget_minutes: float) -> TrainState:
+    from configs import common
+    from sora_jax.train.state import make_optimizer
+
+    cfg = common.optim_config(lr=1e-2, warmup=2)
+    cfg.schedule_clock = "budget"
+    tx = make_optimizer(cfg, 10**6, budget_minutes=budget_minutes)
+    params = _toy_state().params
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=None,
+                      tx=tx, budget_seconds=jnp.zeros((), jnp.float32))
+
+
+def _clock_run(tmp_path, minutes, steps, state=None, data=None):
+    manager = checkpoint.make_manager(tmp_path / "ckpt", keep=2)
+    logger = MetricLogger(tmp_path / "tb", steps, progress=False)
+    try:
+        state = state if state is not None else _clock_state(minutes)
+        if manager.latest_step() is not None:
+            state = checkpoint.restore(manager, state, data)
+        return run_loop(state=state, step_fn=jax.jit(_toy_step), data_iter=data or _toy_data(range(10**6)),
+                        to_device=jnp.float32, total_steps=steps, manager=manager, logger=logger,
+                        rng=jax.random.key(0), log_every=5, ckpt_every=0, max_minutes=minutes)
+    finally:
+        logger.close()
+        manager.close()
+
+
+def test_budget_clock_carries_the_time_spent_over_resumes_and_stops_once(tmp_path, caplog):
+    """optim.schedule_clock=budget: the state counts the seconds spent, a resume goes on from them, and
+    once the budget is spent (learning rate decayed) a rerun trains nothing."""
+    minutes = 3.0 / 60
+    first = _clock_run(tmp_path, minutes, 3)  # stopped by its steps, long before the budget
+    spent = float(first.budget_seconds)
+    assert int(first.step) == 3 and 0 < spent < 3.0
+    assert float(checkpoint.restore(checkpoint.make_manager(tmp_path / "ckpt"), _clock_state(minutes)).budget_seconds) == spent
+    with caplog.at_level(logging.INFO, logger="sora_jax.train.loop"):
+        second = _clock_run(tmp_path, minutes, 10**6)  # resumed: the budget stops it
+    stopped = int(second.step)
+    assert 3 < stopped < 10**6 and float(second.budget_seconds) > 3.0
+    assert any(f"spent at step {stopped} of at most" in r.getMessage() for r in caplog.records), caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sora_jax.train.loop"):
+        third = _clock_run(tmp_path, minutes, 10**6)
+    assert int(third.step) == stopped and checkpoint.make_manager(tmp_path / "ckpt").all_steps() == [3, stopped]
+    assert any("already spent" in r.getMessage() and "raise train.max_minutes" in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
+def test_resuming_under_the_other_schedule_clock_says_which_in_one_line(tmp_path):
+    _clock_run(tmp_path, 1.0, 2)
+    with pytest.raises(checkpoint.CheckpointError, match=r"trained with optim.schedule_clock=budget, this config says "
+                                                          r"steps: resume it with --config.optim.schedule_clock=budget"):
+        checkpoint.restore(checkpoint.make_manager(tmp_path / "ckpt"), _toy_state())
+    assert checkpoint.make_manager(tmp_path / "ckpt").all_steps() == [2]  # nothing moved aside
+    _toy_run(tmp_path / "plain", 2)
+    with pytest.raises(checkpoint.CheckpointError, match=r"schedule_clock=steps, this config says budget"):
+        checkpoint.restore(checkpoint.make_manager(tmp_path / "plain" / "ckpt"), _clock_state(1.0))
+
+
 def test_stop_decisions_are_agreed_across_processes(monkeypatch):
     """Several processes decide to stop (SIGTERM, time budget) together, at log steps, if any one would."""
     from jax.experimental import multihost_utils
@@ -222,6 +281,19 @@ def test_stop_decisions_are_agreed_across_processes(monkeypatch):
     assert loop._stop_flags(True, True, 3, 10) == (False, False) and gathered == []  # between log steps: no exchange
     assert loop._stop_flags(True, False, 10, 10) == (True, True)  # one exchange carries both decisions
     assert gathered == [[1, 0]]
+
+
+def test_budget_clock_seconds_are_agreed_across_processes(monkeypatch):
+    """Every host feeds the learning rate the same seconds: the largest, exchanged at log steps only."""
+    from jax.experimental import multihost_utils
+
+    from sora_jax.train import loop
+
+    assert loop._agreed_seconds(4.5, 3, 10) == 4.5
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([np.asarray(x), np.array([7.25])]))
+    assert loop._agreed_seconds(4.5, 3, 10) is None  # between log steps: keep the last agreed value
+    assert loop._agreed_seconds(4.5, 10, 10) == 7.25 and loop._agreed_seconds(9.0, 20, 10) == 9.0
 
 
 # ---------------------------------------------------------------- the real trainer, in subprocesses

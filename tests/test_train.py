@@ -287,6 +287,33 @@ def test_ddpm_run_trains_and_samples_with_ddim(tiny_runs, tmp_path):
         flow_run.make_sampler("ddim")
 
 
+def test_budget_clock_run_counts_its_seconds_into_the_checkpoint_and_resumes_from_them(tiny_runs, tmp_path):
+    """optim.schedule_clock=budget through `train_dit` on the 8-device mesh: the seconds spent are
+    saved with each step and a resume continues from them, as the learning rate's clock."""
+    import orbax.checkpoint as ocp
+
+    from sora_jax.config_overrides import apply_overrides
+    from sora_jax.train.dit_trainer import train_dit
+
+    def seconds(step: int) -> float:
+        saved = ocp.StandardCheckpointer().restore(tmp_path / "dit" / "ckpt" / str(step) / "state")
+        return float(np.asarray(saved["budget_seconds"]))
+
+    base = [f"--config.workdir={tmp_path}/dit", "--config.optim.schedule_clock=budget", "--config.train.max_minutes=30",
+            f"--config.data.latents={checkpoint.read_json(tiny_runs['dit_cfg'].workdir + '/run.json')['latent_cache']}",
+            "--config.train.eval_every=0", "--config.train.sample_every=0", "--config.train.ckpt_every=1"]
+    out = train_dit(apply_overrides(tiny_runs["dit_cfg"].copy_and_resolve_references(), base))
+    assert out["step"] == 2 and np.isfinite(out["final"]["loss"])
+    first = seconds(2)
+    assert 0 < first < 30 * 60 and seconds(1) < first
+    out = train_dit(apply_overrides(tiny_runs["dit_cfg"].copy_and_resolve_references(), base + ["--config.train.steps=3"]))
+    assert out["step"] == 3 and seconds(3) > first
+    steps_cfg = apply_overrides(tiny_runs["dit_cfg"].copy_and_resolve_references(),
+                                [*base[:1], *base[3:], "--config.train.steps=4"])
+    with pytest.raises(checkpoint.CheckpointError, match="resume it with --config.optim.schedule_clock=budget"):
+        train_dit(steps_cfg)
+
+
 def test_flow_shift_follows_resolution_and_duration():
     """With shift_by_resolution, 4x the tokens doubles the flow shift, in training and in the run's sampler."""
     from sora_jax.train.dit_trainer import objective_for_grid

@@ -21,7 +21,7 @@ from sora_jax.parallel.rules import ALIASES, PRESETS, get_rules
 from sora_jax.train.accumulate import accumulate_gradients
 from sora_jax.train.evaluation import denoising_loss, fixed_times, make_dit_eval, video_grid
 from sora_jax.train.setup import compute_dtype, per_process_batch, validate_layout
-from sora_jax.train.state import TrainState, create_sharded_state, lr_schedule, make_optimizer
+from sora_jax.train.state import TrainState, budget_cosine, create_sharded_state, lr_schedule, make_optimizer
 
 TEXT_LEN, TEXT_DIM = 4, 8
 
@@ -103,6 +103,31 @@ def test_warmup_cosine_schedule():
         np.testing.assert_allclose(float(sched(step)), want, rtol=1e-5)
     # decay_steps pins the schedule whatever train.steps says.
     assert float(lr_schedule(_optim(decay_steps=110), 5000)(60)) == float(sched(60))
+
+
+def test_budget_clock_follows_the_steps_schedule_until_the_time_budget_runs_out_first():
+    """schedule_clock=budget: the same updates as the steps schedule while time is not binding; past it,
+    the decay follows seconds spent / budget; with a spent budget every update is at min_lr_ratio."""
+    steps_tx = make_optimizer(_optim(min_lr_ratio=0.1), 110)
+    clock_tx = make_optimizer(_optim(min_lr_ratio=0.1, schedule_clock="budget"), 110, budget_minutes=2.0)
+    params = {"w": jnp.linspace(-1.0, 1.0, 5)}
+    a, b = steps_tx.init(params), clock_tx.init(params)
+    for i in range(60):
+        grads = {"w": jnp.cos(params["w"] * (i + 1))}
+        ua, a = steps_tx.update(grads, a, params)
+        ub, b = clock_tx.update(grads, b, params, budget_seconds=jnp.float32(0.0))
+        np.testing.assert_allclose(ub["w"], ua["w"], rtol=2e-5, atol=1e-12)
+    grads = {"w": jnp.ones(5)}
+    base, _ = clock_tx.update(grads, b, params, budget_seconds=jnp.float32(0.0))  # steps: (60 - 10) / 100 done
+    for seconds, progress in ((30.0, 0.25), (90.0, 0.75), (120.0, 1.0), (500.0, 1.0)):  # of 120 s
+        got, _ = clock_tx.update(grads, b, params, budget_seconds=jnp.float32(seconds))
+        want = float(budget_cosine(max(progress, 0.5), 0.1)) / float(budget_cosine(0.5, 0.1))
+        np.testing.assert_allclose(got["w"], base["w"] * want, rtol=2e-5)
+    np.testing.assert_allclose(float(budget_cosine(1.0, 0.1)), 0.1)
+    with pytest.raises(ValueError, match="train.max_minutes is 0"):
+        make_optimizer(_optim(schedule_clock="budget"), 110)
+    with pytest.raises(ValueError, match="schedule_clock must be one of"):
+        make_optimizer(_optim(schedule_clock="wall"), 110, budget_minutes=1.0)
 
 
 @pytest.mark.parametrize("scale", [0.1, 10.0])

@@ -166,9 +166,25 @@ def restore(
         restore_rng(manager, s, jax.random.key(0))  # read here too: a damaged key also means "older step"
         return state
 
-    if step is not None:
-        return load(step)
-    return _with_fallback(manager, load, quarantine=True)[1]
+    try:
+        if step is not None:
+            return load(step)
+        return _with_fallback(manager, load, quarantine=True)[1]
+    except Exception:
+        _check_schedule_clock(manager, "budget_seconds" in abstract, step)  # a likely cause, said in one line
+        raise
+
+
+def _check_schedule_clock(manager: ocp.CheckpointManager, budget_clock: bool, step: int | None) -> None:
+    """Refuse, in one line, to resume a run under the other optim.schedule_clock: the trees differ."""
+    saved = "budget_seconds" in saved_state_keys(manager, step)
+    if saved != budget_clock:
+        clock, other = ("budget", "steps") if saved else ("steps", "budget")
+        raise CheckpointError(
+            f"the checkpoint in {manager.directory} was trained with optim.schedule_clock={clock}, this config says "
+            f"{other}: resume it with --config.optim.schedule_clock={clock} (--vae-override/--dit-override "
+            f"optim.schedule_clock={clock} for scripts/train_reference.py), or train into a new directory"
+        )
 
 
 def restore_rng(manager: ocp.CheckpointManager, step: int, default: jax.Array) -> jax.Array:

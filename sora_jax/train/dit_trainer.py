@@ -224,7 +224,7 @@ def train_dit(config: ml_collections.ConfigDict) -> dict[str, Any]:
         jnp.zeros((n_shards, *text_shape), jnp.float32),
         jnp.ones((n_shards, text_shape[0]), bool),
     )
-    tx = make_optimizer(config.optim, config.train.steps)
+    tx = make_optimizer(config.optim, config.train.steps, budget_minutes=config.train.max_minutes)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     state, shardings = create_sharded_state(
         lambda k: model.init({"params": k}, *dummy), tx, float(config.optim.ema_decay), mesh, rules, init_rng

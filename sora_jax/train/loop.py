@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 
 from sora_jax.train import checkpoint
 from sora_jax.train.metrics import MetricLogger
-from sora_jax.train.state import TrainState
+from sora_jax.train.state import TrainState, budget_seconds_spent, with_budget_seconds
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,20 @@ def _stop_flags(sigterm: bool, over_budget: bool, step: int, every: int) -> tupl
 
     flags = np.asarray(multihost_utils.process_allgather(np.array([sigterm, over_budget], np.int32)))
     return bool(flags[..., 0].max()), bool(flags[..., 1].max())
+
+
+def _agreed_seconds(elapsed: float, step: int, every: int) -> float | None:
+    """The wall time every process feeds the budget clock: its own with one process; with several, the
+    largest of theirs, exchanged at log steps only (None between them: keep the last agreed value), since
+    the learning rate must be the same on every host.
+    """
+    if jax.process_count() == 1:
+        return elapsed
+    if step % every:
+        return None
+    from jax.experimental import multihost_utils
+
+    return float(np.asarray(multihost_utils.process_allgather(np.array([elapsed], np.float64))).max())
 
 
 # The first step whose loss was not finite (0: none yet), kept on device so checking it is free
@@ -141,6 +155,18 @@ def run_loop(
     # A resumed run keeps the noise stream it started with, whatever config.seed says now.
     rng = checkpoint.restore_rng(manager, step, rng) if step else rng
     saved_step = manager.latest_step()
+    # Under optim.schedule_clock="budget" the budget is the run's, summed over resumes (the state
+    # carries what earlier invocations spent); otherwise each invocation gets max_minutes afresh.
+    spent = budget_seconds_spent(state)
+    if spent is not None:
+        if not max_minutes > 0:
+            raise ValueError("optim.schedule_clock=budget needs train.max_minutes > 0 (the budget its learning "
+                             "rate decays over); set it, or optim.schedule_clock=steps")
+        if spent >= 60.0 * max_minutes:
+            log.warning("time budget train.max_minutes=%g was already spent at step %d (optim.schedule_clock=budget, "
+                        "learning rate decayed): nothing to train; raise train.max_minutes to go on", max_minutes, step)
+            return state
+    spent0 = spent or 0.0
     start = time.perf_counter()
     pending = None
     metrics = None
@@ -150,6 +176,10 @@ def run_loop(
             batch = to_device(next(data_iter))
             state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
             step += 1
+            elapsed = time.perf_counter() - start
+            # Stamped after the step, so the next step and any checkpoint saved now carry the time spent.
+            if spent is not None and (now := _agreed_seconds(elapsed, step, log_every)) is not None:
+                state = with_budget_seconds(state, spent0 + now)
             if "loss" in metrics:
                 bad = _first_bad(bad, metrics["loss"], step)
             logger.advance()
@@ -161,7 +191,7 @@ def run_loop(
             if step % log_every == 0 or step == total_steps:
                 pending = (step, metrics, bad)
             stop, out_of_time = _stop_flags(sigterm.is_set(),
-                                            bool(max_minutes) and time.perf_counter() - start > 60.0 * max_minutes,
+                                            bool(max_minutes) and spent0 + elapsed > 60.0 * max_minutes,
                                             step, log_every)
             if stop:
                 _check_finite(bad, manager)
@@ -178,7 +208,10 @@ def run_loop(
                 saved_step = step
             _run_periodic(periodic, state, step, logger)
             if out_of_time:
-                if step < total_steps:
+                if spent is not None:
+                    log.info("time budget train.max_minutes=%g spent at step %d of at most %d; the learning rate "
+                             "decayed over it (optim.schedule_clock=budget)", max_minutes, step, total_steps)
+                elif step < total_steps:
                     # The loop does not see the schedule: optim.decay_steps may have sized it apart from train.steps.
                     log.warning("time budget train.max_minutes=%g spent at step %d of %d: a learning-rate schedule "
                                 "sized for train.steps (optim.decay_steps unset) has not decayed; run again to resume",

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -26,10 +29,15 @@ class TrainState:
     ema_params: Any  # None when EMA is off
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
     ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+    # Wall-time seconds of the run's time budget spent before this step, summed over resumes; the
+    # loop writes it. A scalar only under optim.schedule_clock="budget" (None keeps older checkpoints'
+    # tree unchanged).
+    budget_seconds: Any = None
 
     def apply_gradients(self, grads) -> "TrainState":
         """One optimiser update plus the EMA update."""
-        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        extra = {} if self.budget_seconds is None else {"budget_seconds": self.budget_seconds}
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra)
         params = optax.apply_updates(self.params, updates)
         ema = self.ema_params
         if ema is not None:
@@ -61,12 +69,107 @@ def lr_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Sched
     )
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """AdamW on `lr_schedule`, after global-norm clipping of the gradients to optim.grad_clip."""
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
+SCHEDULE_CLOCKS = ("steps", "budget")
+
+
+class BudgetClockState(NamedTuple):
+    """Updates applied so far (the step side of the budget clock's progress)."""
+
+    count: jax.Array
+
+
+class BudgetClockOptimizer(optax.GradientTransformationExtraArgs):
+    """An optimiser whose update needs `budget_seconds` (TrainState carries it; see `make_optimizer`)."""
+
+
+def budget_cosine(progress: jax.Array, min_ratio: float) -> jax.Array:
+    """Cosine from 1 at progress 0 to min_ratio at progress >= 1."""
+    p = jnp.clip(progress, 0.0, 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + jnp.cos(math.pi * p))
+
+
+def scale_by_budget_cosine(
+    total_steps: int, warmup_steps: int, budget_seconds: float, min_ratio: float
+) -> BudgetClockOptimizer:
+    """Scale updates by `budget_cosine` of the larger of two progress fractions: steps past the warmup
+    over the steps after it (the steps schedule's own fraction), and seconds spent over budget_seconds."""
+    decay = max(total_steps - warmup_steps, 1)
+    budget = float(budget_seconds)
+
+    def init(params):
+        del params
+        return BudgetClockState(count=jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None, *, budget_seconds: jax.Array, **extra):
+        del params, extra
+        progress = jnp.maximum((state.count - warmup_steps) / decay, budget_seconds / budget)
+        factor = budget_cosine(progress, min_ratio)
+        return jax.tree.map(lambda u: u * factor.astype(u.dtype), updates), BudgetClockState(count=state.count + 1)
+
+    return BudgetClockOptimizer(init, update)
+
+
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, total_steps: int, *, budget_minutes: float = 0.0
+) -> optax.GradientTransformation:
+    """AdamW on `lr_schedule`, after global-norm clipping of the gradients to optim.grad_clip.
+
+    With optim.schedule_clock="budget" the cosine decay instead follows whichever runs out first,
+    the steps (optim.decay_steps or total_steps) or the wall-time budget (`budget_minutes`, the run's
+    train.max_minutes): a time-budgeted run then ends with its learning rate decayed however fast the
+    machine is, where a schedule sized in steps would be cut short on a slow machine. The price is
+    that the learning rates, so the weights, depend on the machine's speed.
+    """
+    clock = cfg.get("schedule_clock", "steps")
+    if clock not in SCHEDULE_CLOCKS:
+        raise ValueError(f"optim.schedule_clock must be one of {list(SCHEDULE_CLOCKS)}, got {clock!r}")
+    clip = optax.clip_by_global_norm(cfg.grad_clip)
+    if clock == "steps":
+        return optax.chain(
+            clip, optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+        )
+    if not budget_minutes > 0:
+        raise ValueError("optim.schedule_clock=budget decays the learning rate over the time budget, but "
+                         "train.max_minutes is 0: set train.max_minutes > 0, or optim.schedule_clock=steps")
+    total = max(int(cfg.get("decay_steps", 0) or total_steps), 1)
+    warmup = max(1, min(int(cfg.warmup_steps), total - 1)) if total > 1 else 1
+    # Warmup stays in steps (it guards the first updates, not the budget); the decay is applied after
+    # AdamW, which scales its weight decay by the learning rate too, so both follow the clock as in
+    # the steps schedule.
+    warm = optax.warmup_constant_schedule(init_value=cfg.lr / warmup, peak_value=cfg.lr, warmup_steps=warmup)
+    chained = optax.chain(
+        clip,
+        optax.adamw(warm, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
+        scale_by_budget_cosine(max(total, warmup + 1), warmup, 60.0 * budget_minutes, float(cfg.min_lr_ratio)),
     )
+    return BudgetClockOptimizer(chained.init, chained.update)
+
+
+def uses_budget_clock(tx: optax.GradientTransformation) -> bool:
+    """Whether `tx` is a `make_optimizer` built with optim.schedule_clock="budget"."""
+    return isinstance(tx, BudgetClockOptimizer)
+
+
+def _nested(state: TrainState) -> list[TrainState]:
+    return [v for f in dataclasses.fields(state) if isinstance(v := getattr(state, f.name), TrainState)]
+
+
+def budget_seconds_spent(state: TrainState) -> float | None:
+    """Seconds of the time budget a budget-clock state has spent (also a nested discriminator's); None without one."""
+    if state.budget_seconds is not None:
+        return float(state.budget_seconds)
+    return next((s for s in map(budget_seconds_spent, _nested(state)) if s is not None), None)
+
+
+def with_budget_seconds(state: TrainState, seconds: float) -> TrainState:
+    """`state` (and any train state nested in it) with its budget clock set to `seconds`, in its sharding."""
+    changes: dict[str, Any] = {f.name: with_budget_seconds(getattr(state, f.name), seconds)
+                               for f in dataclasses.fields(state) if isinstance(getattr(state, f.name), TrainState)}
+    if state.budget_seconds is not None:
+        # The same value from every process (the loop agrees it), placed like the rest of the state.
+        changes["budget_seconds"] = jax.make_array_from_callback(
+            (), state.budget_seconds.sharding, lambda _: np.asarray(seconds, np.float32))
+    return state.replace(**changes) if changes else state
 
 
 def _state_initializer(
@@ -84,6 +187,7 @@ def _state_initializer(
             ema_params=params if ema_decay > 0 else None,
             tx=tx,
             ema_decay=ema_decay,
+            budget_seconds=jnp.zeros((), jnp.float32) if uses_budget_clock(tx) else None,
         )
 
     return init_boxed

@@ -254,7 +254,7 @@ def create_vae_state(
     TrainState (own optimiser, config.disc_optim), sharded by the same logical rules.
     """
     vae_cfg = vae_config_from(config)
-    tx = make_optimizer(config.optim, config.train.steps)
+    tx = make_optimizer(config.optim, config.train.steps, budget_minutes=config.train.max_minutes)
     state, shardings = create_sharded_state(
         lambda k: init_vae_variables(vae_cfg, k), tx, float(config.optim.ema_decay), mesh, rules, rng
     )
@@ -263,7 +263,8 @@ def create_vae_state(
     disc_cfg = disc_config_from(config)
     disc_state, disc_shardings = create_sharded_state(
         lambda k: init_discriminator_variables(disc_cfg, k),
-        make_optimizer(config.disc_optim, config.train.steps), float(config.disc_optim.ema_decay),
+        make_optimizer(config.disc_optim, config.train.steps, budget_minutes=config.train.max_minutes),
+        float(config.disc_optim.ema_decay),
         # fold_in, not a wider split: the VAE's keys stay those of a GAN-less run.
         mesh, rules, jax.random.fold_in(rng, 1),
     )
