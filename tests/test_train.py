@@ -260,6 +260,23 @@ def test_objective_wiring_gives_an_exact_predictor_zero_loss(objective, predicti
     assert float(metrics["loss"]) > 1e-2
 
 
+def test_a_finished_vae_run_is_reused_with_other_training_data(tiny_runs, tmp_path):
+    """A finished run reads no more data, so its data position is not restored: a reference run can
+    keep its VAE and train the DiT on more clips. Unfinished, grain refuses the other sampler."""
+    import shutil
+
+    from sora_jax.config_overrides import apply_overrides
+    from sora_jax.train.vae_trainer import train_vae
+
+    shutil.copytree(tiny_runs["vae_cfg"].workdir, tmp_path / "vae")
+    more = [f"--config.workdir={tmp_path}/vae", "--config.data.num_train=24", "--config.train.eval_every=0",
+            "--config.train.sample_every=0"]
+    out = train_vae(apply_overrides(tiny_runs["vae_cfg"].copy_and_resolve_references(), more))
+    assert out["step"] == 2 and out["psnr"] == pytest.approx(tiny_runs["vae"]["psnr"], rel=1e-5)
+    with pytest.raises(checkpoint.CheckpointError, match="Sampler in checkpoint does not match"):
+        train_vae(apply_overrides(tiny_runs["vae_cfg"].copy_and_resolve_references(), more + ["--config.train.steps=3"]))
+
+
 def test_ddpm_run_trains_and_samples_with_ddim(tiny_runs, tmp_path):
     """A DDPM (v-prediction) run trains through `train_dit`, records its objective, and samples with DDIM."""
     from sora_jax.config_overrides import apply_overrides

@@ -296,8 +296,10 @@ def train_vae(config: ml_collections.ConfigDict) -> dict[str, Any]:
     state, shardings, disc = create_vae_state(config, mesh, rules, init_rng)
     manager = checkpoint.make_manager(workdir / "ckpt", keep=config.train.keep)
     data_iter = iter(loader)
-    if manager.latest_step() is not None:
-        state = _restore(manager, state, data_iter)
+    if (latest := manager.latest_step()) is not None:
+        # A finished run reads no more data: its data position is not restored, so a reference run can
+        # reuse it with another data.num_train (the DiT on more clips), where grain would refuse.
+        state = _restore(manager, state, data_iter if latest < config.train.steps else None)
     # The model dataclass travels with the checkpoint so inference needs no training config.
     checkpoint.write_json_atomic(workdir / VAE_CONFIG_FILE, dataclass_to_json(vae_cfg))
 
