@@ -67,7 +67,8 @@ def optim_config(lr: float, warmup: int) -> ml_collections.ConfigDict:
             "warmup_steps": warmup,
             "decay_steps": 0,  # length of the LR schedule; 0: train.steps
             # "budget": the decay also follows the wall time against train.max_minutes, ending
-            # decayed when the budget stops the run first (sora_jax.train.state.make_optimizer).
+            # decayed when the budget stops the run first (sora_jax.train.state.make_optimizer);
+            # with train.max_minutes 0 it is the steps schedule.
             "schedule_clock": "steps",
             "min_lr_ratio": 0.1,
             "weight_decay": 0.01,

@@ -124,8 +124,10 @@ def test_budget_clock_follows_the_steps_schedule_until_the_time_budget_runs_out_
         want = float(budget_cosine(max(progress, 0.5), 0.1)) / float(budget_cosine(0.5, 0.1))
         np.testing.assert_allclose(got["w"], base["w"] * want, rtol=2e-5)
     np.testing.assert_allclose(float(budget_cosine(1.0, 0.1)), 0.1)
-    with pytest.raises(ValueError, match="train.max_minutes is 0"):
-        make_optimizer(_optim(schedule_clock="budget"), 110)
+    # No time budget (train.max_minutes 0, e.g. a notebook's smoke run of the demo configs): the steps schedule.
+    no_budget = make_optimizer(_optim(min_lr_ratio=0.1, schedule_clock="budget"), 110)
+    assert jax.tree.structure(no_budget.init(params)) == jax.tree.structure(steps_tx.init(params))
+    np.testing.assert_allclose(no_budget.update(grads, a, params)[0]["w"], steps_tx.update(grads, a, params)[0]["w"])
     with pytest.raises(ValueError, match="schedule_clock must be one of"):
         make_optimizer(_optim(schedule_clock="wall"), 110, budget_minutes=1.0)
 
