@@ -27,8 +27,11 @@ VAE_SHARE, DIT_SHARE = 0.5, 0.38
 # Steps per minute of each stage on the 2-core CPU VM this was sized on (tiny variants, no other
 # load). The default step counts fill each stage's share of `minutes` at these rates; the learning
 # rate decays over the steps or the time, whichever ends first (optim.schedule_clock="budget"), so
-# a slower machine still ends annealed. On an accelerator pass vae_steps / dit_steps.
-VAE_STEPS_PER_MIN, DIT_STEPS_PER_MIN = 39.0, 90.0
+# a slower machine still ends annealed, and a rate set too high costs nothing but a step cap that
+# does not bind. The VAE's: 3000 steps of the z_dim=16 recipe in 38.5 min, of which about 9 min were
+# 12 held-out evaluations (docs/benchmarks.md, seed replicates, fg20 s4); it was 39 before the
+# faster conv lowering. The DiT's: 4600 tiny-DiT steps in 52 min (runs/ref8).
+VAE_STEPS_PER_MIN, DIT_STEPS_PER_MIN = 100.0, 90.0
 # DiT shape fields `dit_shape` may override: a width/depth sweep without a new named variant.
 DIT_SHAPE_FIELDS = ("num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim")
 
