@@ -46,8 +46,8 @@ def demo_configs(outdir: Path, minutes: float, *, progress: bool = True) -> tupl
     # quality runs did ~1 vs ~0.25 steps/s), so the budget's few hundred steps stay a few hundred.
     # The price is weaker late latent frames (docs/benchmarks.md, VAE quality).
     vae.data.crop_frames = 5
-    # Step caps sized for ~12 minutes on a fast machine; on 2 CPU cores the time budget stops first
-    # (351 of 1000 VAE steps, 1571 of 3000 DiT steps in docs/demo_report.md).
+    # Step caps for ~12 minutes: on 2 CPU cores the VAE reaches its cap and the time budget stops
+    # the DiT first (1000 and 2012 of 3000 steps, docs/demo_report.md); slower machines stop earlier.
     vae.train.steps = max(20, int(1000 * scale))
     dit.train.steps = max(20, int(3000 * scale))
     vae.train.max_minutes = VAE_SHARE * minutes

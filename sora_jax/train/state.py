@@ -149,21 +149,21 @@ def uses_budget_clock(tx: optax.GradientTransformation) -> bool:
     return isinstance(tx, BudgetClockOptimizer)
 
 
-def _nested(state: TrainState) -> list[TrainState]:
-    return [v for f in dataclasses.fields(state) if isinstance(v := getattr(state, f.name), TrainState)]
+def _nested(state: TrainState) -> dict[str, TrainState]:
+    """Train states held in `state`'s fields (a GAN's discriminator), by field name."""
+    return {f.name: v for f in dataclasses.fields(state) if isinstance(v := getattr(state, f.name), TrainState)}
 
 
 def budget_seconds_spent(state: TrainState) -> float | None:
     """Seconds of the time budget a budget-clock state has spent (also a nested discriminator's); None without one."""
     if state.budget_seconds is not None:
         return float(state.budget_seconds)
-    return next((s for s in map(budget_seconds_spent, _nested(state)) if s is not None), None)
+    return next((s for s in map(budget_seconds_spent, _nested(state).values()) if s is not None), None)
 
 
 def with_budget_seconds(state: TrainState, seconds: float) -> TrainState:
     """`state` (and any train state nested in it) with its budget clock set to `seconds`, in its sharding."""
-    changes: dict[str, Any] = {f.name: with_budget_seconds(getattr(state, f.name), seconds)
-                               for f in dataclasses.fields(state) if isinstance(getattr(state, f.name), TrainState)}
+    changes: dict[str, Any] = {k: with_budget_seconds(v, seconds) for k, v in _nested(state).items()}
     if state.budget_seconds is not None:
         # The same value from every process (the loop agrees it), placed like the rest of the state.
         changes["budget_seconds"] = jax.make_array_from_callback(
