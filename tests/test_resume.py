@@ -148,6 +148,18 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, caplog, dama
     assert int(checkpoint.restore(manager, _toy_state()).step) == 4
 
 
+def test_a_finished_step_leaves_the_data_position_but_a_fallback_step_restores_it(tmp_path):
+    """finished_at: the finished step 3 keeps the caller's iterator; after damage, step 2 restores it."""
+    _saved(tmp_path)
+    data = _toy_data()
+    restored = checkpoint.restore(checkpoint.make_manager(tmp_path / "ckpt"), _toy_state(seed=9), data, finished_at=3)
+    assert int(restored.step) == 3 and next(data) == 0  # not moved to step 3's position
+    _truncate_data_file(tmp_path / "ckpt" / "3")
+    data = _toy_data()
+    restored = checkpoint.restore(checkpoint.make_manager(tmp_path / "ckpt"), _toy_state(seed=9), data, finished_at=3)
+    assert int(restored.step) == 2 and next(data) == 2  # training goes on from step 2: its data position
+
+
 def test_no_readable_checkpoint_is_one_clear_error(tmp_path):
     _saved(tmp_path, steps=(1, 2))
     for s in (1, 2):

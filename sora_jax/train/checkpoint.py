@@ -152,15 +152,22 @@ def restore(
     target: TrainState,
     data_iter=None,
     step: int | None = None,
+    finished_at: int | None = None,
 ) -> TrainState:
-    """Restore into the shardings of `target` at `step`, or the newest step that loads (older on damage)."""
+    """Restore into the shardings of `target` at `step`, or the newest step that loads (older on damage).
+
+    A step at or past `finished_at` (the run's train.steps) leaves `data_iter` alone: a finished run
+    reads no more data, so it may be reused with other data (a reference run's VAE under a DiT trained
+    on more clips), where grain would refuse the other sampler. An older step it falls back to still
+    restores the data position, since training goes on from there.
+    """
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _arrays(target)
     )
 
     def load(s: int) -> TrainState:
         items = {"state": ocp.args.StandardRestore(abstract)}
-        if data_iter is not None:
+        if data_iter is not None and (finished_at is None or s < finished_at):
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         state = _replace(target, manager.restore(s, args=ocp.args.Composite(**items))["state"])
         restore_rng(manager, s, jax.random.key(0))  # read here too: a damaged key also means "older step"

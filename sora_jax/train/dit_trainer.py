@@ -231,9 +231,8 @@ def train_dit(config: ml_collections.ConfigDict) -> dict[str, Any]:
     )
     manager = checkpoint.make_manager(workdir / "ckpt", keep=config.train.keep)
     data_iter = train_loader(config, cache_dir, per_process)
-    if (latest := manager.latest_step()) is not None:
-        # A finished run reads no more data (and may be re-scored with another data.num_train).
-        state = checkpoint.restore(manager, state, data_iter if latest < config.train.steps else None)
+    if manager.latest_step() is not None:
+        state = checkpoint.restore(manager, state, data_iter, finished_at=config.train.steps)
         if (warning := resumed_on_other_vae(workdir, vae_id)) is not None:
             log.warning(warning)
     checkpoint.write_json_atomic(workdir / DIT_CONFIG_FILE, dataclass_to_json(dit_cfg))

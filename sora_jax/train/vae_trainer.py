@@ -296,10 +296,8 @@ def train_vae(config: ml_collections.ConfigDict) -> dict[str, Any]:
     state, shardings, disc = create_vae_state(config, mesh, rules, init_rng)
     manager = checkpoint.make_manager(workdir / "ckpt", keep=config.train.keep)
     data_iter = iter(loader)
-    if (latest := manager.latest_step()) is not None:
-        # A finished run reads no more data: its data position is not restored, so a reference run can
-        # reuse it with another data.num_train (the DiT on more clips), where grain would refuse.
-        state = _restore(manager, state, data_iter if latest < config.train.steps else None)
+    if manager.latest_step() is not None:
+        state = _restore(manager, state, data_iter, finished_at=config.train.steps)
     # The model dataclass travels with the checkpoint so inference needs no training config.
     checkpoint.write_json_atomic(workdir / VAE_CONFIG_FILE, dataclass_to_json(vae_cfg))
 
@@ -324,19 +322,19 @@ def train_vae(config: ml_collections.ConfigDict) -> dict[str, Any]:
             "corrupt_records_skipped": loader.stats.corrupt}
 
 
-def _restore(manager, state: TrainState, data_iter) -> TrainState:
+def _restore(manager, state: TrainState, data_iter, finished_at: int | None = None) -> TrainState:
     """Resume from the latest checkpoint; a GAN-less checkpoint may start the GAN phase."""
     has_disc = "disc" in checkpoint.saved_state_keys(manager)
     if isinstance(state, VAEGANState) and not has_disc:
         # Turning the adversarial loss on for a VAE trained without it: fresh discriminator.
-        vae = checkpoint.restore(manager, without_discriminator(state), data_iter)
+        vae = checkpoint.restore(manager, without_discriminator(state), data_iter, finished_at=finished_at)
         return with_discriminator(vae, state.disc)
     if has_disc and not isinstance(state, VAEGANState):
         raise ValueError(
             f"the checkpoint in {manager.directory} was trained with a discriminator; resume it with "
             "--config.loss.adv > 0 (and the same config.disc) or start a new --config.workdir"
         )
-    return checkpoint.restore(manager, state, data_iter)
+    return checkpoint.restore(manager, state, data_iter, finished_at=finished_at)
 
 
 def load_vae(workdir: str | Path, step: int | None = None) -> tuple[CausalVAE, Any]:
