@@ -160,6 +160,34 @@ def test_a_finished_step_leaves_the_data_position_but_a_fallback_step_restores_i
     assert int(restored.step) == 2 and next(data) == 2  # training goes on from step 2: its data position
 
 
+def _loader(num_records: int):
+    sampler = grain.samplers.IndexSampler(num_records=num_records, shard_options=grain.sharding.NoSharding(),
+                                          shuffle=True, num_epochs=None, seed=0)
+    return iter(grain.DataLoader(data_source=list(range(num_records)), sampler=sampler, worker_count=0))
+
+
+def test_a_run_resumed_on_other_data_is_refused_in_one_line_and_nothing_moves(tmp_path):
+    """grain refuses a data position saved by another sampler (here 64 clips, now 24): one line naming
+    the clip counts and the flag, at once (older steps share the sampler), and no step set aside."""
+    manager = checkpoint.make_manager(tmp_path / "ckpt")
+    data = _loader(64)
+    for s in (1, 2):
+        next(data)
+        checkpoint.save(manager, _toy_state(seed=s).replace(step=jnp.asarray(s, jnp.int32)), data, rng=jax.random.key(s))
+    manager.wait_until_finished()
+    restored = checkpoint.restore(checkpoint.make_manager(tmp_path / "ckpt"), _toy_state(), _loader(64))
+    assert int(restored.step) == 2  # the same data resumes
+    with pytest.raises(checkpoint.DataMismatchError, match=r"num_records 64 there, 24 now; .*--num-train") as e:
+        checkpoint.restore(checkpoint.make_manager(tmp_path / "ckpt"), _toy_state(), _loader(24))
+    assert len(str(e.value).splitlines()) == 1 and "--outdir" in str(e.value)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["1", "2"] and not (tmp_path / "ckpt.corrupt").exists()
+    with pytest.raises(checkpoint.DataMismatchError, match="num_records 64 there, 24 now"):
+        checkpoint.restore(checkpoint.make_manager(tmp_path / "ckpt"), _toy_state(), _loader(24), step=1)
+    # finished_at: a finished run reads no more data, so the other sampler does not matter.
+    restored = checkpoint.restore(checkpoint.make_manager(tmp_path / "ckpt"), _toy_state(), _loader(24), finished_at=2)
+    assert int(restored.step) == 2
+
+
 def test_no_readable_checkpoint_is_one_clear_error(tmp_path):
     _saved(tmp_path, steps=(1, 2))
     for s in (1, 2):

@@ -262,7 +262,7 @@ def test_objective_wiring_gives_an_exact_predictor_zero_loss(objective, predicti
 
 def test_a_finished_vae_run_is_reused_with_other_training_data(tiny_runs, tmp_path):
     """A finished run reads no more data, so its data position is not restored: a reference run can
-    keep its VAE and train the DiT on more clips. Unfinished, grain refuses the other sampler."""
+    keep its VAE and train the DiT on more clips. Unfinished, the other sampler is refused in one line."""
     import shutil
 
     from sora_jax.config_overrides import apply_overrides
@@ -273,7 +273,7 @@ def test_a_finished_vae_run_is_reused_with_other_training_data(tiny_runs, tmp_pa
             "--config.train.sample_every=0"]
     out = train_vae(apply_overrides(tiny_runs["vae_cfg"].copy_and_resolve_references(), more))
     assert out["step"] == 2 and out["psnr"] == pytest.approx(tiny_runs["vae"]["psnr"], rel=1e-5)
-    with pytest.raises(checkpoint.CheckpointError, match="Sampler in checkpoint does not match"):
+    with pytest.raises(checkpoint.DataMismatchError, match=r"sampler differs \(num_records \d+ there, 24 now"):
         train_vae(apply_overrides(tiny_runs["vae_cfg"].copy_and_resolve_references(), more + ["--config.train.steps=3"]))
 
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,44 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(FileNotFoundError):
     """No usable checkpoint where one was required."""
+
+
+class DataMismatchError(CheckpointError):
+    """The checkpoint's data position belongs to another data pipeline (grain refused it)."""
+
+
+# grain's DataLoader validates a restored position against the loader: "<what> in checkpoint does not
+# match ...\n<what> in checkpoint: A\n<what> in dataloader: B".
+_GRAIN_MISMATCH = re.compile(r"(Sampler|Worker count|DataSource) in checkpoint does not match")
+
+
+def _data_mismatch(error: BaseException, directory: Any) -> DataMismatchError | None:
+    """grain's multi-line refusal of another data pipeline as one line naming what differs, or None."""
+    text = str(error)
+    found = _GRAIN_MISMATCH.search(text)
+    if not found:
+        return None
+    what = found.group(1).lower()
+    saved = re.search(rf"{what} in checkpoint: (.*)", text, re.IGNORECASE)
+    now = re.search(rf"{what} in dataloader: (.*)", text, re.IGNORECASE)
+    saved, now = (saved.group(1).strip() if saved else "?"), (now.group(1).strip() if now else "?")
+    if what == "sampler":
+        # IndexSampler(num_records=512, ..., seed=0): name the fields that differ, not both reprs.
+        fields = [dict(re.findall(r"(\w+)=([^,()]+)", r)) for r in (saved, now)]
+        diff = [f"{k} {fields[0].get(k)} there, {fields[1].get(k)} now" for k in fields[0] | fields[1]
+                if fields[0].get(k) != fields[1].get(k)] or [f"{saved} there, {now} now"]
+        hint = ("num_records counts the clips: data.num_train, --num-train for scripts/train_reference.py"
+                if fields[0].get("num_records") != fields[1].get("num_records") else "the data seed or sharding")
+        detail = f"its sampler differs ({'; '.join(diff)}; {hint})"
+    elif what == "worker count":
+        detail = f"it was read with {saved} grain workers, this config uses {now} (data.worker_count)"
+    else:
+        detail = "its data source differs (another dataset or split)"
+    return DataMismatchError(
+        f"the checkpoint in {directory} was saved by a run reading other data: {detail}; resume with the data "
+        "settings it was trained with, or train into a new directory (--config.workdir; --outdir for "
+        "scripts/train_reference.py)"
+    )
 
 
 def _arrays(state: TrainState) -> dict[str, Any]:
@@ -105,6 +144,8 @@ def _with_fallback(manager: ocp.CheckpointManager, load: Callable[[int], Any], *
     for step in steps:
         try:
             out = load(step)
+        except DataMismatchError:
+            raise  # every step of a run shares its data pipeline: older steps would fail alike, and none is damaged
         except Exception as e:  # noqa: BLE001 - any failure to read a step means "try the previous one"
             reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
             log.warning("checkpoint step %d in %s is unreadable (%s); trying an older step", step, manager.directory, reason)
@@ -169,7 +210,14 @@ def restore(
         items = {"state": ocp.args.StandardRestore(abstract)}
         if data_iter is not None and (finished_at is None or s < finished_at):
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        state = _replace(target, manager.restore(s, args=ocp.args.Composite(**items))["state"])
+        try:
+            restored = manager.restore(s, args=ocp.args.Composite(**items))
+        except Exception as e:
+            mismatch = _data_mismatch(e, manager.directory) if "data" in items else None
+            if mismatch is not None:
+                raise mismatch from None
+            raise
+        state = _replace(target, restored["state"])
         restore_rng(manager, s, jax.random.key(0))  # read here too: a damaged key also means "older step"
         return state
 
@@ -177,6 +225,8 @@ def restore(
         if step is not None:
             return load(step)
         return _with_fallback(manager, load, quarantine=True)[1]
+    except DataMismatchError:
+        raise
     except Exception:
         _check_schedule_clock(manager, "budget_seconds" in abstract, step)  # a likely cause, said in one line
         raise
