@@ -196,3 +196,25 @@ def test_cache_key_and_dit_runs_follow_the_vae_weights_not_its_folder(tiny_runs,
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert f"has no checkpoint step {step} (it has {step + 5})" in err
+
+
+def test_the_heldout_cache_is_shared_by_runs_on_more_training_clips(tiny_runs):
+    """The physics test split's clips do not depend on num_train, so neither does its cache's name: a
+    run on other training clips reuses the held-out latents (the training cache is its own)."""
+    from pathlib import Path
+
+    from sora_jax.train.dit_data import cache_inputs, heldout_cache_dir
+    from sora_jax.train.vae_trainer import physics_sources
+
+    cfg = tiny_runs["dit_run_cfg"]
+    fewer = apply_overrides(cfg.copy_and_resolve_references(), [f"--config.data.num_train={cfg.data.num_train // 2}"])
+    a, b = physics_sources(cfg)["test"], physics_sources(fewer)["test"]
+    assert len(a) == len(b) == cfg.data.num_test
+    for i in range(len(a)):
+        np.testing.assert_array_equal(np.asarray(a[i]["video"]), np.asarray(b[i]["video"]))
+    assert cache_inputs(fewer, "test") == cache_inputs(cfg, "test")
+    assert cache_inputs(fewer, "train") != cache_inputs(cfg, "train")
+    workdir = Path(cfg.workdir)
+    held = heldout_cache_dir(cfg, workdir)
+    built = sorted(workdir.glob("latents-*"))
+    assert heldout_cache_dir(fewer, workdir) == held and sorted(workdir.glob("latents-*")) == built  # nothing re-encoded

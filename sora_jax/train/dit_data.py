@@ -69,6 +69,8 @@ def cache_inputs(config: ml_collections.ConfigDict, split: str = "train", vae: d
     else:
         data = {"source": "physics", "size": d.size, "frames": d.frames, "num_train": d.num_train, "seed": d.seed}
         if split != "train":
+            # Its clips are seeded by (seed, split, index), so a run on more training clips shares them.
+            del data["num_train"]
             data.update(split=split, num_test=d.num_test)
         if d.get("exclude", ""):  # only when set, so caches built before the option keep their keys
             data.update(exclude=str(d.exclude))
