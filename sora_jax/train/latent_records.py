@@ -230,6 +230,9 @@ def part_files(cache_dir: str | Path) -> list[str]:
     return sorted(str(p) for p in Path(cache_dir).glob("part-*.array_record"))
 
 
+_READ_THREADS, _BATCHES_AHEAD = 4, 2
+
+
 class _Decode(grain.transforms.Map):
     def map(self, element: bytes) -> dict:
         return decode_record(element)
@@ -244,11 +247,14 @@ def make_cache_loader(
     shard_count: int = 1,
     num_epochs: int | None = None,
     shuffle: bool = True,
+    read_options: grain.ReadOptions | None = None,
+    batches_ahead: int = _BATCHES_AHEAD,
 ) -> Iterator[dict]:
     """Shuffled single-shape batches per bucket (`batch_sizes`: per-process batch per bucket name).
 
     Yields {latents [B, t, h, w, z], text [B, L, D], text_mask [B, L], caption [B], bucket}; the
-    iterator is checkpointable (grain state).
+    iterator is checkpointable (grain state). `read_options` / `batches_ahead` (0: none) override the
+    prefetching, for benchmarks.
     """
     info = read_info(cache_dir)
     missing = sorted(set(info["buckets"]) - set(batch_sizes))
@@ -265,7 +271,17 @@ def make_cache_loader(
         ds = ds.repeat(num_epochs)
     ds = ds.map(_Decode())
     spec = BucketSpec(tuple(_bucket(name, batch_sizes[name]) for name in sorted(info["buckets"])), multiple=1)
-    return iter(BucketBatchDataset(ds.to_iter_dataset(), spec))
+    # grain's default read options (16 threads, 500 elements) scan the whole ready buffer for a metric on
+    # every element handed out: ~11 ms per batch of 16 records, in the train loop's thread. A buffer of
+    # two batches keeps the reads ahead without that. Batches are then assembled ahead in a thread, so
+    # the train loop's thread only dispatches; grain keeps each prefetched batch's state, so a checkpoint
+    # still holds the position of the last batch taken (docs/benchmarks.md, "Latent cache reader").
+    read = read_options or grain.ReadOptions(num_threads=_READ_THREADS,
+                                             prefetch_buffer_size=max(32, 2 * sum(batch_sizes.values())))
+    batches = BucketBatchDataset(ds.to_iter_dataset(read), spec)
+    if batches_ahead > 0:
+        batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=batches_ahead)
+    return iter(batches)
 
 
 def _bucket(name: str, batch_size: int) -> Bucket:
