@@ -207,16 +207,17 @@ def restore(
     )
 
     def load(s: int) -> TrainState:
-        items = {"state": ocp.args.StandardRestore(abstract)}
         if data_iter is not None and (finished_at is None or s < finished_at):
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        try:
-            restored = manager.restore(s, args=ocp.args.Composite(**items))
-        except Exception as e:
-            mismatch = _data_mismatch(e, manager.directory) if "data" in items else None
-            if mismatch is not None:
-                raise mismatch from None
-            raise
+            # The data position first: it is small, and a run on other data is refused before the
+            # state is read (and with nothing of the state's read left pending).
+            try:
+                manager.restore(s, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter)))
+            except Exception as e:
+                mismatch = _data_mismatch(e, manager.directory)
+                if mismatch is not None:
+                    raise mismatch from None
+                raise
+        restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         state = _replace(target, restored["state"])
         restore_rng(manager, s, jax.random.key(0))  # read here too: a damaged key also means "older step"
         return state
