@@ -6,9 +6,9 @@ against grain's defaults without batch prefetch, beside a simulated 0 / 20 ms st
 
 import argparse
 import dataclasses
-import json
 
 from sora_jax.bench.cache_reader import ReaderBenchOptions, format_report, run_benchmark
+from sora_jax.bench.harness import write_report
 
 
 def main() -> None:
@@ -22,10 +22,7 @@ def main() -> None:
     a = p.parse_args()
     opts = dataclasses.replace(d, clips=a.clips, batch=a.batch, batches=a.batches, step_ms=tuple(a.step_ms))
     result = run_benchmark(opts)
-    print(format_report(result))
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {a.out}")
+    write_report(result, format_report(result), a.out)
 
 
 if __name__ == "__main__":

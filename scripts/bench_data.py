@@ -7,9 +7,9 @@ against the DiT train step's consumption (tiny and S), in one run on this machin
 
 import argparse
 import dataclasses
-import json
 
 from sora_jax.bench.data_speed import DataBenchOptions, format_report, run_benchmark
+from sora_jax.bench.harness import write_report
 
 
 def main() -> None:
@@ -26,10 +26,7 @@ def main() -> None:
     opts = dataclasses.replace(d, clips=a.clips, batch=a.batch, batches=a.batches, workers=tuple(a.workers),
                                bucket=tuple(a.bucket), variants=tuple(a.variants))
     result = run_benchmark(opts)
-    print(format_report(result))
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {a.out}")
+    write_report(result, format_report(result), a.out)
 
 
 if __name__ == "__main__":

@@ -116,3 +116,11 @@ def perturb_weights(model: Any, scale: float, seed: int | None = 0) -> Any:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * scale)
     return model.eval()
+
+
+def write_report(result: dict[str, Any], report: str, out: str) -> None:
+    """Print a benchmark's table and write its result as JSON to `out` (what each scripts/bench_*.py ends with)."""
+    print(report)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {out}")
