@@ -100,6 +100,17 @@ def _parser() -> argparse.ArgumentParser:
                            help="stored parameter dtype" + (" of the DiT and text encoder (the VAE stays float32)"
                                                             if kind == "wan" else ""))
 
+    x = sub.add_parser("export", help="write a trained DiT run as a self-contained inference folder (EMA weights "
+                       "of one step, its VAE), loadable like a run")
+    x.add_argument("src", help="DiT run folder (run.json, dit_config.json, ckpt/)")
+    x.add_argument("dst", help="output folder (must be new or empty unless --overwrite)")
+    x.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="stored DiT parameter dtype (bfloat16 halves the bytes; the VAE stays float32)")
+    x.add_argument("--step", type=int, help="checkpoint step to export (default: the newest readable)")
+    x.add_argument("--no-vae", action="store_true",
+                   help="leave the VAE out; copy its run folder to DST/vae before loading")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing DST (swapped in atomically)")
+
     v = sub.add_parser("vae-stats", help="per-channel latent mean/std of a VAE over a dataset, stored in its config")
     v.add_argument("--workdir", default="runs/vae", help="VAE run or converted folder (vae_config.json + ckpt/)")
     v.add_argument("--data-dir", default="data", help="physics_balls dataset folder (built if missing)")
@@ -344,6 +355,15 @@ def _convert(a) -> None:
     print(f"converted {out['params']:,} parameters from {a.src} into {out['dst']}")
 
 
+def _export(a) -> None:
+    from sora_jax.train.export import export_dit_run
+
+    out = export_dit_run(a.src, a.dst, dtype=a.dtype, step=a.step, include_vae=not a.no_vae, overwrite=a.overwrite)
+    vae = "with its VAE" if out["vae_included"] else "without its VAE (copy it to DST/vae)"
+    print(f"exported {out['params']:,} DiT parameters of step {out['step']} as {out['dtype']} {vae} into "
+          f"{out['dst']}: {out['bytes'] / 2**20:.1f} MiB in {out['files']} files")
+
+
 def _vae_stats(a) -> None:
     from sora_jax.data.physics_tfds import build_physics_dataset
     from sora_jax.train.vae_stats import physics_clips, update_vae_stats
@@ -403,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             _eval_physics(args)
         elif args.command == "eval-physics-compare":
             _eval_physics_compare(args)
+        elif args.command == "export":
+            _export(args)
         elif args.command == "vae-stats":
             _vae_stats(args)
         elif args.command == "bench-sharding":

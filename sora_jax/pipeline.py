@@ -32,7 +32,7 @@ from sora_jax.models.vae_codec import VideoCodec, decode_latents
 from sora_jax.train import checkpoint
 from sora_jax.train.dit_trainer import DIT_CONFIG_FILE, RUN_FILE, null_text
 from sora_jax.train.setup import dataclass_from_json, on_one_device
-from sora_jax.train.vae_trainer import load_vae, load_vae_at
+from sora_jax.train.vae_trainer import VAE_CONFIG_FILE, load_vae, load_vae_at
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -44,14 +44,21 @@ def _encode_latents(vae: CausalVAE, params, video):
 Input = str | Path | np.ndarray  # an image/video file, or frames [T, H, W, 3] / [H, W, 3] (uint8, or float in [-1, 1])
 
 
-def _restore_dit(folder: Path, text_len: int) -> tuple[DiTConfig, Any]:
-    """DiT config + params of a run or converted folder (dit_config.json + ckpt/)."""
+def restore_dit(folder: Path, text_len: int, step: int | None = None) -> tuple[DiTConfig, int, Any]:
+    """(config, step, EMA-or-raw params) of a DiT run or converted folder (dit_config.json + ckpt/): checkpoint
+    `step`, or the newest readable one."""
     cfg = dataclass_from_json(DiTConfig, checkpoint.read_json(folder / DIT_CONFIG_FILE))
+    at, params = checkpoint.restore_params_at(folder / "ckpt", on_one_device(abstract_dit_params(cfg, text_len)),
+                                              step=step)
+    return cfg, at, params
+
+
+def abstract_dit_params(cfg: DiTConfig, text_len: int) -> Any:
+    """Shapes and dtypes of a DiT's variables ({"params": ...}); allocates nothing."""
     # The parameter shapes do not depend on the latent grid: initialise on the smallest one.
     dummy = (jnp.zeros((1, *cfg.patch_size, cfg.in_channels)), jnp.zeros((1,)),
              jnp.zeros((1, text_len, cfg.text_dim)), jnp.ones((1, text_len), bool))
-    abstract = jax.eval_shape(lambda: nn.meta.unbox(DiT(cfg).init({"params": jax.random.key(0)}, *dummy)))
-    return cfg, checkpoint.restore_params(folder / "ckpt", on_one_device(abstract))
+    return jax.eval_shape(lambda: nn.meta.unbox(DiT(cfg).init({"params": jax.random.key(0)}, *dummy)))
 
 
 def to_unit_range(videos: np.ndarray) -> np.ndarray:
@@ -96,7 +103,7 @@ class TextToVideo:
             raise ValueError(f"{path / PIPELINE_FILE} is of kind {pipe.get('kind')!r}; re-run sora-jax convert wan")
         vae, vae_params = load_vae(path / "vae")
         text_len = pipe["text_max_length"]
-        dit_cfg, dit_params = _restore_dit(path / "dit", text_len)
+        dit_cfg, _, dit_params = restore_dit(path / "dit", text_len)
         t5_cfg = dataclass_from_json(T5Config, checkpoint.read_json(path / "text_encoder" / T5_CONFIG_FILE))
         t5_params = checkpoint.restore_params(path / "text_encoder" / "ckpt", on_one_device(abstract_t5_params(t5_cfg)))
         text_encoder = T5TextEncoder(t5_cfg, t5_params, path / "tokenizer", max_length=text_len)
@@ -114,14 +121,20 @@ class TextToVideo:
         run = checkpoint.read_json(dit_workdir / RUN_FILE)
         # The VAE step the DiT trained on (runs from before it was recorded: the newest), and only
         # those weights: a VAE folder since replaced or trained on would decode the wrong latents.
-        vae, vae_params, vae_id = load_vae_at(run["vae_workdir"], run.get("vae_step"))
+        # A relative vae_workdir (an exported folder's "vae") is relative to the DiT folder.
+        vae_dir = dit_workdir / run["vae_workdir"]
+        if not (vae_dir / VAE_CONFIG_FILE).is_file():
+            raise checkpoint.CheckpointError(
+                f"the VAE this DiT was trained on (step {run.get('vae_step')}, weights {run.get('vae_params')}) is not "
+                f"at {vae_dir}; copy that VAE's run folder there, or point vae_workdir in {dit_workdir / RUN_FILE} at it")
+        vae, vae_params, vae_id = load_vae_at(vae_dir, run.get("vae_step"))
         if run.get("vae_params") not in (None, vae_id["vae_params"]):
             raise checkpoint.CheckpointError(
-                f"the VAE in {run['vae_workdir']} at step {vae_id['vae_step']} is not the one this DiT was trained "
+                f"the VAE in {vae_dir} at step {vae_id['vae_step']} is not the one this DiT was trained "
                 f"on (weights {vae_id['vae_params']}, run.json says {run['vae_params']}); point vae_workdir in "
                 f"{dit_workdir / RUN_FILE} at that VAE's run folder")
         text_encoder = load_text_encoder(run["text_encoder_dir"] or None, max_length=run["text_max_length"])
-        dit_cfg, params = _restore_dit(dit_workdir, run["text_max_length"])
+        dit_cfg, _, params = restore_dit(dit_workdir, run["text_max_length"])
         return cls(vae, vae_params, dit_cfg, params, text_encoder, run)
 
     def make_sampler(self, solver: str | None = None, steps: int | None = None, guidance: float | None = None,

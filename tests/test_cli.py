@@ -68,6 +68,19 @@ def test_sample_frames_not_4k_plus_1(capsys, tiny_runs):
                         "--frames", "8"], "needs 4k+1 frames")
 
 
+def test_export_bad_input_is_one_line(capsys, tiny_runs, tmp_path):
+    run = tiny_runs["dit_cfg"].workdir
+    _run_error(capsys, ["export", str(tmp_path / "nothing"), str(tmp_path / "out")], "is not a DiT run folder")
+    _run_error(capsys, ["export", str(tiny_runs["vae_cfg"].workdir), str(tmp_path / "out")], "no run.json")
+    _run_error(capsys, ["export", str(run), f"{run}/export"], "inside the run folder")
+    _run_error(capsys, ["export", str(run), str(tmp_path / "out"), "--step", "999"], "has no checkpoint step 999")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    _run_error(capsys, ["export", str(run), str(tmp_path / "full")], "already exists and is not empty")
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "out").exists()
+
+
 def test_sample_writes_mp4_and_gif(capsys, tiny_runs, tmp_path):
     from sora_jax.data.video import read_video
 

@@ -47,11 +47,16 @@ def read_model_config(src: str | Path, class_name: str) -> dict[str, Any]:
     return config
 
 
-def _write_atomically(dst: Path, overwrite: bool, fill: Callable[[Path], None]) -> None:
-    """Build the output in a temporary sibling folder, then move it to dst."""
-    dst = dst.absolute()
+def check_destination(dst: Path, overwrite: bool) -> None:
+    """Refuse a non-empty dst unless overwriting: called before slow work, and again before writing."""
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise FileExistsError(f"{dst} already exists and is not empty; choose a new folder or pass --overwrite")
+
+
+def write_folder_atomically(dst: Path, overwrite: bool, fill: Callable[[Path], None]) -> None:
+    """Build the output in a temporary sibling folder, then move it to dst."""
+    dst = dst.absolute()
+    check_destination(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
@@ -108,7 +113,7 @@ def _export(
         checkpoint.write_json_atomic(out / config_file, dataclass_to_json(cfg))
         checkpoint.write_json_atomic(out / SOURCE_FILE, {"source": str(Path(src).absolute()), "class": class_name})
 
-    _write_atomically(Path(dst), overwrite, fill)
+    write_folder_atomically(Path(dst), overwrite, fill)
     return {"dst": str(Path(dst).absolute()), "params": _count(params), "config": cfg}
 
 

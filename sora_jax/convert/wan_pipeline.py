@@ -18,7 +18,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from sora_jax.convert.folders import _export, _write_atomically, convert_wan_dit, convert_wan_vae, read_json_file
+from sora_jax.convert.folders import _export, write_folder_atomically, convert_wan_dit, convert_wan_vae, read_json_file
 
 PIPELINE_FILE = "pipeline.json"
 T5_CONFIG_FILE = "t5_config.json"
@@ -116,6 +116,6 @@ def convert_wan_pipeline(
         pipeline = {"kind": PIPELINE_KIND, "text_encoder": text_kind, "source": str(src), **sched, **WAN_DEFAULTS}
         (out / PIPELINE_FILE).write_text(json.dumps(pipeline, indent=2))
 
-    _write_atomically(Path(dst), overwrite, fill)
+    write_folder_atomically(Path(dst), overwrite, fill)
     params = sum(summary[k]["params"] for k in ("vae", "dit", "text_encoder"))
     return {"dst": str(Path(dst).absolute()), "params": params, **sched}
