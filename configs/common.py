@@ -53,6 +53,9 @@ def data_config(*, runlocal: bool) -> ml_collections.ConfigDict:
             # (colour, count) pairs no clip has, e.g. "red3,cyan1": the physics benchmark's `combo` split
             # (`sora_jax.eval.physics_scenes.HELD_OUT_COMBOS`) stays unseen; configs/physics_reference sets it.
             "exclude": "",
+            # Share of clips simulated without gravity; the benchmark's uniform and collision families
+            # have none (configs/physics_reference sets it).
+            "zero_gravity": 0.0,
             "batch_size": 8,  # global, over all processes
             "worker_count": 0 if runlocal else 4,
         }

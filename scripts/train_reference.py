@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from configs.physics_reference import reference_configs, vae_candidates
+from configs.physics_reference import ZERO_GRAVITY, reference_configs, vae_candidates
 from sora_jax.train.dit_trainer import train_dit
 from sora_jax.train.vae_select import SELECTION_FILE, select_vae
 
@@ -41,13 +41,16 @@ def main() -> None:
                    help="VAE config override, repeatable, e.g. model.z_dim=16 (a changed VAE shape needs a new --outdir)")
     p.add_argument("--vae-seeds", type=int, default=1,
                    help="train the VAE under this many seeds and keep the lowest held-out ball colour error")
+    p.add_argument("--zero-gravity", type=float, default=ZERO_GRAVITY,
+                   help=f"share of clips simulated without gravity (default {ZERO_GRAVITY}; runs before session 26: 0)")
     a = p.parse_args()
     try:
         vae_cfg, dit_cfg = reference_configs(a.outdir, a.minutes, num_train=a.num_train, variant=a.variant,
                                              vae_steps=a.vae_steps, dit_steps=a.dit_steps,
                                              dit_shape=a.dit_shape, dit_variant=a.dit_variant,
                                              dit_lr=a.dit_lr, dit_overrides=a.dit_override,
-                                             vae_overrides=a.vae_override, vae_seeds=a.vae_seeds)
+                                             vae_overrides=a.vae_override, vae_seeds=a.vae_seeds,
+                                             zero_gravity=a.zero_gravity)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 

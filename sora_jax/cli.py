@@ -152,6 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--num-test", type=int, default=32)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--exclude", default="", help="(colour, count) pairs no clip may have, e.g. red3,cyan1")
+    b.add_argument("--zero-gravity", type=float, default=0.0,
+                   help="share of clips simulated without gravity, in [0, 1] (default 0: all under gravity)")
 
     from sora_jax.eval.physics_scenes import FAMILIES, SPLITS
 
@@ -382,7 +384,8 @@ def _data(a) -> None:
     from sora_jax.data.physics_tfds import build_physics_dataset
 
     sources = build_physics_dataset(str(Path(a.dir).absolute()), size=a.size, frames=a.frames,
-                                    num_train=a.num_train, num_test=a.num_test, seed=a.seed, exclude=a.exclude)
+                                    num_train=a.num_train, num_test=a.num_test, seed=a.seed, exclude=a.exclude,
+                                    zero_gravity=a.zero_gravity)
     print({k: len(v) for k, v in sources.items()}, "examples in", a.dir)
 
 

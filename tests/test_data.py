@@ -15,6 +15,7 @@ from sora_jax.data.physics import (
     parse_combos,
     run_physics,
     simulate,
+    simulate_state,
 )
 from sora_jax.data.physics_tfds import build_physics_dataset, example_seed
 from sora_jax.eval.physics_scenes import HELD_OUT_COMBOS, SceneSpec, make_scene
@@ -208,6 +209,61 @@ def test_tfds_with_exclusions_has_its_own_directory(tmp_path):
         seeds.add(int(rec["seed"]))
         assert np.array_equal(rec["video"], simulate(int(rec["seed"]), cfg)["video"])
     assert seeds == {example_seed(0, "train", i) for i in range(6)}
+
+
+def test_zero_gravity_share_keeps_each_clips_start_and_drops_its_gravity(tmp_path):
+    gravity_only = dataclasses.replace(CFG, frames=17)
+    mixed = dataclasses.replace(gravity_only, zero_gravity=0.5)
+    without = dataclasses.replace(gravity_only, gravity=0.0)
+    worlds = []
+    for seed in range(40):
+        g, m = simulate(seed, gravity_only), simulate(seed, mixed)
+        # The world is drawn after the state: same balls, colours and first frame either way.
+        np.testing.assert_array_equal(m["video"][0], g["video"][0])
+        np.testing.assert_array_equal(m["radii"], g["radii"])
+        np.testing.assert_array_equal(m["velocities"][0], g["velocities"][0])
+        if np.array_equal(m["positions"], g["positions"]):
+            worlds.append(1)
+        else:  # then it is the same start simulated without gravity
+            # (the stored start is float32 pixels, so the re-simulation matches to rounding)
+            np.testing.assert_allclose(m["positions"], simulate_state_of(g, without)["positions"], atol=1e-4)
+            worlds.append(0)
+    assert 10 <= worlds.count(0) <= 30, worlds  # Binomial(40, 0.5): outside this with p < 0.002
+    # The option left at 0 draws nothing more: the same clips as datasets built before it.
+    for seed in range(5):
+        np.testing.assert_array_equal(simulate(seed, dataclasses.replace(CFG, zero_gravity=0.0))["video"],
+                                      simulate(seed, CFG)["video"])
+    all_free = simulate(3, dataclasses.replace(gravity_only, zero_gravity=1.0))
+    np.testing.assert_allclose(all_free["positions"], simulate_state_of(simulate(3, gravity_only), without)["positions"],
+                               atol=1e-4)
+    with pytest.raises(ValueError, match=r"zero_gravity is the share of clips without gravity, in \[0, 1\]"):
+        PhysicsConfig(zero_gravity=1.5)
+
+
+def simulate_state_of(clip: dict, cfg: PhysicsConfig) -> dict:
+    """`clip`'s initial state re-simulated under `cfg` (unit-square units)."""
+    n = clip["num_balls"]
+    return simulate_state(clip["positions"][0, :n] / cfg.size, clip["velocities"][0, :n] / cfg.size,
+                          clip["radii"][:n] / cfg.size, clip["colors"][:n], cfg)
+
+
+def test_tfds_with_zero_gravity_has_its_own_directory(tmp_path, capsys):
+    from sora_jax.cli import main
+    from sora_jax.data.physics_tfds import config_name
+
+    kw = dict(size=SIZE, frames=5, num_train=6, num_test=2)
+    sources = build_physics_dataset(str(tmp_path), zero_gravity=0.5, **kw)
+    assert [p.name for p in tmp_path.glob("physics_balls/s*")] == ["s32_f5_n6_t2_seed0_zg50"]
+    cfg = PhysicsConfig(size=SIZE, frames=5, zero_gravity=0.5)
+    for i in range(6):
+        rec = sources["train"][i]
+        assert np.array_equal(rec["video"], simulate(int(rec["seed"]), cfg)["video"])
+    assert config_name(size=64, frames=17, num_train=512, num_test=64, seed=0, exclude="red3",
+                       zero_gravity=0.125) == "s64_f17_n512_t64_seed0_xred3_zg12p5"
+    capsys.readouterr()  # the build's progress bars
+    assert main(["data", "--dir", str(tmp_path), "--zero-gravity", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "zero_gravity is the share of clips without gravity" in err, err
 
 
 # ----------------------------------------------------------------------------- grain

@@ -142,9 +142,15 @@ def test_baselines_rank_as_expected(scenes):
             errs[name].append(clip_metrics(pred, scene, K, truth=truth)["pos_err_px"])
     mean = {k: float(np.mean(v)) for k, v in errs.items()}
     assert mean["ground_truth"] < mean["resim_no_gravity"] < mean["copy_last"], mean
-    # Without gravity the re-simulation is the true world: on uniform scenes it is near exact.
+    # Without gravity the re-simulation is the true world: on uniform scenes it is near exact, and
+    # re-simulation under the training clips' gravity is not; on parabolas the reverse.
     uni = next(s for s in scenes if s["family"] == "uniform")
     assert clip_metrics(baselines.resim_no_gravity(uni, K), uni, K)["pos_err_px"] < 0.5
+    assert clip_metrics(baselines.resim_gravity(uni, K), uni, K)["pos_err_px"] > 2.0
+    para = [s for s in scenes if s["family"] == "parabola"]
+    with_g = np.mean([clip_metrics(baselines.resim_gravity(s, K), s, K)["pos_err_px"] for s in para])
+    without = np.mean([clip_metrics(baselines.resim_no_gravity(s, K), s, K)["pos_err_px"] for s in para])
+    assert with_g < 0.5 * without, (with_g, without)
     other = baselines.other_clip(uni, K, scenes[-1])
     np.testing.assert_array_equal(other[K:], scenes[-1]["video"][K:])
 
@@ -201,7 +207,8 @@ def test_cli_eval_physics_on_tiny_checkpoint(tiny_runs, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["cond_pixel_frames"] == 1
     by_split = report["frames"]["by_split"]
-    assert {"model/id", "vae_roundtrip/id", "ground_truth/id", "copy_last/id", "resim_no_gravity/id"} <= set(by_split)
+    assert {"model/id", "vae_roundtrip/id", "ground_truth/id", "copy_last/id", "resim_no_gravity/id",
+            "resim_gravity/id"} <= set(by_split)
     assert by_split["model/id"]["clips"] == 1 and report["text"]["model"]["clips"] == 1
     assert len(report["frames"]["curves"]["copy_last"]) == 4  # 5 frames, 1 given
     assert (out / "position_error.png").stat().st_size > 1000

@@ -17,6 +17,20 @@ def test_reference_vae_is_4x4x4_and_steps_follow_the_budget(tmp_path):
     assert dit.vae_workdir == vae.workdir and dit.vae_workdir.startswith(str(tmp_path))
     # The benchmark's combinatorial split stays out of both stages' data.
     assert vae.data.exclude == dit.data.exclude and "red3" in vae.data.exclude
+    # Half the clips without gravity, as half the benchmark's in-distribution families; the DiT's
+    # latent cache is keyed by it, and a run before the option (0) keeps its key.
+    assert vae.data.zero_gravity == dit.data.zero_gravity == 0.5
+    old, _ = reference_configs(tmp_path, 90, zero_gravity=0.0)
+    assert old.data.zero_gravity == 0.0
+    from sora_jax.train.dit_data import cache_inputs
+
+    vae_id = {"vae_step": 1, "vae_params": "x"}
+    dit.vae_workdir = str(tmp_path)
+    (tmp_path / "vae_config.json").write_text("{}")
+    assert cache_inputs(dit, vae=vae_id)["data"]["zero_gravity"] == 0.5
+    dit.data.zero_gravity = 0.0
+    assert "zero_gravity" not in cache_inputs(dit, vae=vae_id)["data"]
+    dit.data.zero_gravity = 0.5
     assert vae.train.steps == int(VAE_STEPS_PER_MIN * VAE_SHARE * 90)
     assert dit.train.steps == int(DIT_STEPS_PER_MIN * DIT_SHARE * 90)
     longer, _ = reference_configs(tmp_path, 180)

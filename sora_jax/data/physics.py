@@ -52,6 +52,11 @@ class PhysicsConfig:
     # (colour, ball count) pairs `simulate` never draws: a clip with n balls of which one has an
     # excluded (colour, n) is redrawn. Keeps the world-model benchmark's combinatorial split unseen.
     exclude: tuple[tuple[str, int], ...] = ()
+    # The share of clips `simulate` runs without gravity (drawn per clip, after its initial state, so
+    # a clip keeps its balls and start whichever world it gets). The world-model benchmark scores
+    # gravity-free families (uniform motion, collisions) in distribution: a model trained on gravity
+    # alone, even a perfect one, must mispredict them.
+    zero_gravity: float = 0.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_balls <= self.max_balls <= len(PALETTE):
@@ -70,6 +75,8 @@ class PhysicsConfig:
             if colour not in COLOR_NAMES or not self.min_balls <= count <= self.max_balls:
                 raise ValueError(f"cannot exclude ({colour!r}, {count}): colours are {', '.join(COLOR_NAMES)} "
                                  f"and counts {self.min_balls}..{self.max_balls}")
+        if not 0.0 <= self.zero_gravity <= 1.0:
+            raise ValueError(f"zero_gravity is the share of clips without gravity, in [0, 1]; got {self.zero_gravity}")
         if not any(len(PALETTE) - sum(c == n for _, c in set(self.exclude)) >= n
                    for n in range(self.min_balls, self.max_balls + 1)):
             raise ValueError(f"exclude={self.exclude} leaves no clip to draw; exclude fewer (colour, count) pairs")
@@ -272,6 +279,9 @@ def simulate(seed: int, cfg: PhysicsConfig = PhysicsConfig()) -> dict:
     radii = rng.uniform(*cfg.radius_range, size=n)
     pos0 = _place_balls(rng, radii)
     vel0 = rng.uniform(-cfg.max_speed, cfg.max_speed, size=(n, 2))
+    # Drawn last, and only when asked for, so datasets without gravity-free clips are unchanged.
+    if cfg.zero_gravity > 0 and rng.random() < cfg.zero_gravity:
+        cfg = dataclasses.replace(cfg, gravity=0.0)
     return simulate_state(pos0, vel0, radii, colors, cfg)
 
 

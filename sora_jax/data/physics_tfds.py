@@ -40,44 +40,51 @@ class PhysicsBallsConfig(tfds.core.BuilderConfig):
     num_test: int = 64
     seed: int = 0
     exclude: str = ""  # (colour, count) pairs never drawn, e.g. "red3,cyan1" (`parse_combos`)
+    zero_gravity: float = 0.0  # share of clips simulated without gravity (`PhysicsConfig.zero_gravity`)
 
     @property
     def physics(self) -> PhysicsConfig:
         """The simulator config for this dataset."""
-        return PhysicsConfig(size=self.size, frames=self.frames, exclude=parse_combos(self.exclude))
+        return PhysicsConfig(size=self.size, frames=self.frames, exclude=parse_combos(self.exclude),
+                             zero_gravity=self.zero_gravity)
 
 
-def config_name(*, size: int, frames: int, num_train: int, num_test: int, seed: int, exclude: str = "") -> str:
-    """Directory-safe config name, e.g. 's64_f17_n512_t64_seed0' or '..._seed0_xcyan1-red3'.
+def config_name(*, size: int, frames: int, num_train: int, num_test: int, seed: int, exclude: str = "",
+                zero_gravity: float = 0.0) -> str:
+    """Directory-safe config name, e.g. 's64_f17_n512_t64_seed0', '..._seed0_xcyan1-red3' or '..._zg50'.
 
-    `exclude` as `make_config` canonicalises it; no suffix without exclusions, so datasets built
-    before the option keep their directories.
+    `exclude` as `make_config` canonicalises it; `zero_gravity` as a percentage ('.' written 'p'). No
+    suffix for an option left at its default, so datasets built before it keep their directories.
     """
     name = f"s{size}_f{frames}_n{num_train}_t{num_test}_seed{seed}"
-    return name + ("_x" + exclude.replace(",", "-") if exclude else "")
+    name += "_x" + exclude.replace(",", "-") if exclude else ""
+    return name + (f"_zg{100 * zero_gravity:g}".replace(".", "p") if zero_gravity else "")
 
 
 def make_config(
     *, size: int = 64, frames: int = 17, num_train: int = 512, num_test: int = 64, seed: int = 0,
-    exclude: str = "",
+    exclude: str = "", zero_gravity: float = 0.0,
 ) -> PhysicsBallsConfig:
     """Returns the BuilderConfig for these settings (the predefined one when it matches)."""
     exclude = format_combos(sorted(set(parse_combos(exclude))))  # one directory per set of pairs
+    zero_gravity = float(zero_gravity)
+    PhysicsConfig(zero_gravity=zero_gravity)  # checked before it names a directory
     name = config_name(size=size, frames=frames, num_train=num_train, num_test=num_test, seed=seed,
-                       exclude=exclude)
+                       exclude=exclude, zero_gravity=zero_gravity)
     # tfds refuses a custom config that shares a name with a predefined one.
     for cfg in PhysicsBalls.BUILDER_CONFIGS:
         if cfg.name == name:
             return cfg
     return PhysicsBallsConfig(
         name=name, size=size, frames=frames, num_train=num_train, num_test=num_test, seed=seed, exclude=exclude,
+        zero_gravity=zero_gravity,
         description=f"{size}x{size} px, {frames} frames, {num_train}/{num_test} train/test clips"
-        + (f", never {exclude}" if exclude else ""),
+        + (f", never {exclude}" if exclude else "") + (f", {zero_gravity:.0%} without gravity" if zero_gravity else ""),
     )
 
 
 class PhysicsBalls(tfds.core.GeneratorBasedBuilder):
-    """Procedural clips of 1-3 coloured balls under gravity with elastic collisions."""
+    """Procedural clips of 1-3 coloured balls under gravity (or, for a share of clips, none) with elastic collisions."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
@@ -144,10 +151,12 @@ def build_physics_dataset(
     num_test: int = 64,
     seed: int = 0,
     exclude: str = "",
+    zero_gravity: float = 0.0,
 ) -> dict:
     """Builds (or reuses) the dataset; returns {'train', 'test'} grain-compatible data sources."""
     builder = make_builder(
-        data_dir, size=size, frames=frames, num_train=num_train, num_test=num_test, seed=seed, exclude=exclude
+        data_dir, size=size, frames=frames, num_train=num_train, num_test=num_test, seed=seed, exclude=exclude,
+        zero_gravity=zero_gravity,
     )
     builder.download_and_prepare()
     sources = builder.as_data_source()

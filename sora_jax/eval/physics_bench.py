@@ -147,6 +147,7 @@ def frame_protocol(scenes: list[dict], k: int, predictors: dict[str, Predictor],
             "ground_truth": baselines.ground_truth(scene, k),
             "copy_last": baselines.copy_last(scene, k),
             "resim_no_gravity": baselines.resim_no_gravity(scene, k, truth=truth),
+            "resim_gravity": baselines.resim_gravity(scene, k, truth=truth),
         }
         if others:
             preds["other_clip"] = baselines.other_clip(scene, k, others[0])

@@ -242,6 +242,7 @@ def physics_sources(config: ml_collections.ConfigDict) -> dict:
     return build_physics_dataset(
         str(Path(d.dir).absolute()), size=d.size, frames=d.frames,
         num_train=d.num_train, num_test=d.num_test, seed=d.seed, exclude=str(d.get("exclude", "")),
+        zero_gravity=float(d.get("zero_gravity", 0.0)),
     )
 
 
