@@ -494,3 +494,26 @@ def test_recipe_comparison_over_seed_runs(baseline_reports, tmp_path, capsys):
     assert main(["eval-physics-compare", ",", runs_b]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "at least one report on each side" in err[0]
+
+
+def test_world_cue_reads_gravity_off_the_conditioning_frames():
+    from sora_jax.eval.world_cue import conditioning_gravity, world_cue_report, world_cue_rows
+
+    spec = SceneSpec(splits=("id",), per_split=2)
+    # A fake "VAE" that blanks the frames: no ball is seen, so no world can be read (NaN, never "falls").
+    rows = world_cue_rows(spec, 5, roundtrip=np.zeros_like)
+    free = [r for r in rows if r["gravity_px"] == 0]
+    falling = [r for r in rows if r["gravity_px"] > 0 and r["family"] == "multi"]
+    assert free and falling
+    assert all(abs(r["g_truth"]) < 5 for r in free), free
+    assert all(abs(r["g_truth"] - r["gravity_px"]) < 5 for r in falling), falling
+    assert all(np.isnan(r["g_vae"]) for r in rows)
+    result, table = world_cue_report(rows, 64.0)
+    assert result["accuracy"]["g_truth"]["uniform"] == result["accuracy"]["g_truth"]["collision"] == 1.0
+    assert result["accuracy"]["g_vae"]["uniform"] == 1.0 and result["accuracy"]["g_vae"]["multi"] == 0.0
+    assert "VAE roundtrip" in table
+    scene = make_scenes(SceneSpec(families=("parabola",), splits=("id",), per_split=1))[0]
+    flipped = scene["video"][:5, ::-1]  # upside down: the ball now rises against gravity
+    assert conditioning_gravity(flipped, scene["colors"], scene["dt"]) < -30
+    with pytest.raises(ValueError, match="at least 3 conditioning frames"):
+        world_cue_rows(spec, 2)
