@@ -44,13 +44,37 @@ def _encode_latents(vae: CausalVAE, params, video):
 Input = str | Path | np.ndarray  # an image/video file, or frames [T, H, W, 3] / [H, W, 3] (uint8, or float in [-1, 1])
 
 
-def restore_dit(folder: Path, text_len: int, step: int | None = None) -> tuple[DiTConfig, int, Any]:
+def restore_dit(folder: Path, text_len: int, step: int | None = None, param_dtype: Any = None
+                ) -> tuple[DiTConfig, int, Any]:
     """(config, step, EMA-or-raw params) of a DiT run or converted folder (dit_config.json + ckpt/): checkpoint
-    `step`, or the newest readable one."""
+    `step`, or the newest readable one; with `param_dtype`, cast to it on restore (the config says so too)."""
     cfg = dataclass_from_json(DiTConfig, checkpoint.read_json(folder / DIT_CONFIG_FILE))
+    if param_dtype is not None:
+        # Layers the model keeps in float32 whatever param_dtype says stay float32.
+        cfg = dataclasses.replace(cfg, param_dtype=jnp.dtype(param_dtype))
     at, params = checkpoint.restore_params_at(folder / "ckpt", on_one_device(abstract_dit_params(cfg, text_len)),
                                               step=step)
     return cfg, at, params
+
+
+def load_run_vae(dit_workdir: Path, run: dict, fix: str) -> tuple[CausalVAE, Any, dict[str, Any]]:
+    """The VAE a DiT run trained on, as `load_vae_at` returns it; a missing or other VAE is one line ending in `fix`.
+
+    The step the DiT trained on (runs from before it was recorded: the newest), and only those weights: a VAE
+    folder since replaced or trained on would decode the wrong latents. A relative vae_workdir (an exported
+    folder's "vae") is relative to the DiT folder.
+    """
+    vae_dir = dit_workdir / run["vae_workdir"]
+    if not (vae_dir / VAE_CONFIG_FILE).is_file():
+        raise checkpoint.CheckpointError(
+            f"the VAE this DiT was trained on (step {run.get('vae_step')}, weights {run.get('vae_params')}) is not "
+            f"at {vae_dir}; {fix}")
+    vae, vae_params, vae_id = load_vae_at(vae_dir, run.get("vae_step"))
+    if run.get("vae_params") not in (None, vae_id["vae_params"]):
+        raise checkpoint.CheckpointError(
+            f"the VAE in {vae_dir} at step {vae_id['vae_step']} is not the one this DiT was trained on (weights "
+            f"{vae_id['vae_params']}, run.json says {run['vae_params']}); {fix}")
+    return vae, vae_params, vae_id
 
 
 def abstract_dit_params(cfg: DiTConfig, text_len: int) -> Any:
@@ -119,20 +143,8 @@ class TextToVideo:
         """Load a DiT run (and the VAE run it was trained on) from its work directory."""
         dit_workdir = Path(dit_workdir).absolute()
         run = checkpoint.read_json(dit_workdir / RUN_FILE)
-        # The VAE step the DiT trained on (runs from before it was recorded: the newest), and only
-        # those weights: a VAE folder since replaced or trained on would decode the wrong latents.
-        # A relative vae_workdir (an exported folder's "vae") is relative to the DiT folder.
-        vae_dir = dit_workdir / run["vae_workdir"]
-        if not (vae_dir / VAE_CONFIG_FILE).is_file():
-            raise checkpoint.CheckpointError(
-                f"the VAE this DiT was trained on (step {run.get('vae_step')}, weights {run.get('vae_params')}) is not "
-                f"at {vae_dir}; copy that VAE's run folder there, or point vae_workdir in {dit_workdir / RUN_FILE} at it")
-        vae, vae_params, vae_id = load_vae_at(vae_dir, run.get("vae_step"))
-        if run.get("vae_params") not in (None, vae_id["vae_params"]):
-            raise checkpoint.CheckpointError(
-                f"the VAE in {vae_dir} at step {vae_id['vae_step']} is not the one this DiT was trained "
-                f"on (weights {vae_id['vae_params']}, run.json says {run['vae_params']}); point vae_workdir in "
-                f"{dit_workdir / RUN_FILE} at that VAE's run folder")
+        vae, vae_params, _ = load_run_vae(dit_workdir, run, "copy that VAE's run folder there, or point "
+                                          f"vae_workdir in {dit_workdir / RUN_FILE} at it")
         text_encoder = load_text_encoder(run["text_encoder_dir"] or None, max_length=run["text_max_length"])
         dit_cfg, _, params = restore_dit(dit_workdir, run["text_max_length"])
         return cls(vae, vae_params, dit_cfg, params, text_encoder, run)

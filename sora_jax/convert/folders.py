@@ -114,8 +114,9 @@ def _export(
         checkpoint.write_json_atomic(out / SOURCE_FILE, {"source": str(Path(src).absolute()), "class": class_name})
 
     write_folder_atomically(Path(dst), overwrite, fill)
-    return {"dst": str(Path(dst).absolute()), "params": _count(params), "config": cfg}
+    return {"dst": str(Path(dst).absolute()), "params": count_params(params), "config": cfg}
 
 
-def _count(tree: Any) -> int:
+def count_params(tree: Any) -> int:
+    """Number of scalars in a parameter tree."""
     return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))

@@ -3,8 +3,8 @@
 The benchmark's in-distribution families differ in their world: uniform motion and collisions have no
 gravity, parabolas and multi-ball scenes fall. A frame-conditioned model must read the world off the
 K given frames, and it sees them only through its VAE. This estimates gravity from those frames alone
-(ĝ: the median over the frames' second differences of each ball's height, then over balls; a median
-so that one wall bounce does not decide it) on the true frames and on their VAE roundtrip, and counts
+(ĝ: the median of the balls' second differences of height over the frames, `gravity_estimate`, as
+the clip metrics compute it; a median, so that one wall bounce does not decide it) on the true frames and on their VAE roundtrip, and counts
 how often thresholding ĝ at half the training gravity names the right world.
 """
 
@@ -15,18 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from sora_jax.eval.physics_metrics import parse_video
+from sora_jax.eval.physics_metrics import gravity_estimate, parse_video
 from sora_jax.eval.physics_scenes import SceneSpec, make_scenes
 
 WORLD_THRESHOLD = 0.5  # of the training gravity
 
 
 def conditioning_gravity(video: np.ndarray, colors: np.ndarray, dt: float) -> float:
-    """ĝ in px/s² (down is positive) from uint8 frames [K, H, W, 3], K >= 3; NaN if no ball is seen in every frame."""
-    xy = parse_video(np.asarray(video), np.asarray(colors))["xy"]  # [K, balls, 2]
-    per_ball = [np.median(np.diff(xy[:, m, 1], 2)) / dt**2 for m in range(xy.shape[1])
-                if colors[m] >= 0 and np.isfinite(xy[:, m, 1]).all()]
-    return float(np.median(per_ball)) if per_ball else float("nan")
+    """ĝ in px/s² (down is positive) from uint8 frames [K, H, W, 3], K >= 3, as clip metrics estimate it; NaN if
+    no ball is seen in three frames in a row."""
+    return gravity_estimate(parse_video(np.asarray(video), np.asarray(colors))["xy"], dt)
 
 
 def world_cue_rows(spec: SceneSpec, cond_frames: int, roundtrip: Callable[[np.ndarray], np.ndarray] | None = None

@@ -20,20 +20,16 @@ fingerprint run.json recorded, so a wrong VAE is refused rather than decoding ot
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 
-from sora_jax.convert.folders import check_destination, write_folder_atomically
+from sora_jax.convert.folders import check_destination, count_params, write_folder_atomically
 from sora_jax.train import checkpoint
 from sora_jax.train.dit_trainer import DIT_CONFIG_FILE, RUN_FILE
 from sora_jax.train.setup import dataclass_to_json
-from sora_jax.train.vae_trainer import VAE_CONFIG_FILE, load_vae_at
+from sora_jax.train.vae_trainer import VAE_CONFIG_FILE
 
 EXPORT_FILE = "exported_from.json"
 DTYPES = ("float32", "bfloat16")
@@ -49,11 +45,6 @@ def _check_run(run_dir: Path) -> dict[str, Any]:
     return checkpoint.read_json(run_dir / RUN_FILE)
 
 
-def _cast(params: Any, abstract: Any) -> Any:
-    """Each leaf as a host array of its abstract leaf's dtype."""
-    return jax.tree.map(lambda a, like: np.asarray(a).astype(like.dtype), params, abstract)
-
-
 def _nbytes(folder: Path) -> tuple[int, int]:
     files = [f for f in folder.rglob("*") if f.is_file()]
     return sum(f.stat().st_size for f in files), len(files)
@@ -62,7 +53,7 @@ def _nbytes(folder: Path) -> tuple[int, int]:
 def export_dit_run(run_dir: str | Path, dst: str | Path, *, dtype: str = "float32", step: int | None = None,
                    include_vae: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Write DiT run `run_dir` (checkpoint `step`, or the newest) as an inference folder at `dst`; returns a summary."""
-    from sora_jax.pipeline import abstract_dit_params, restore_dit  # deferred: the pipeline imports text encoders
+    from sora_jax.pipeline import load_run_vae, restore_dit  # deferred: the pipeline imports text encoders
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
@@ -71,24 +62,14 @@ def export_dit_run(run_dir: str | Path, dst: str | Path, *, dtype: str = "float3
         raise ValueError(f"{dst} is inside the run folder {run_dir}; export to a folder outside it")
     run = _check_run(run_dir)
     check_destination(dst, overwrite)
-    cfg, at, params = restore_dit(run_dir, run["text_max_length"], step)
-    # Loaders restore into the config's dtypes; the layers the model keeps in float32 whatever
-    # param_dtype says (the time embedding, the float32 norms) stay float32.
-    cfg = dataclasses.replace(cfg, param_dtype=jnp.dtype(dtype))
-    params = _cast(params, abstract_dit_params(cfg, run["text_max_length"]))
+    # Cast on restore: what loaders restore the export into is what it holds.
+    cfg, at, params = restore_dit(run_dir, run["text_max_length"], step, param_dtype=dtype)
 
     vae_dir = run_dir / run["vae_workdir"]
     vae_params = vae_step = None
     if include_vae:
-        if not (vae_dir / VAE_CONFIG_FILE).is_file():
-            raise checkpoint.CheckpointError(
-                f"the VAE this DiT was trained on is not at {vae_dir}; point vae_workdir in {run_dir / RUN_FILE} at "
-                "its run folder, or export with --no-vae")
-        _, vae_params, vae_id = load_vae_at(vae_dir, run.get("vae_step"))
-        if run.get("vae_params") not in (None, vae_id["vae_params"]):
-            raise checkpoint.CheckpointError(
-                f"the VAE in {vae_dir} at step {vae_id['vae_step']} has weights {vae_id['vae_params']}, not the "
-                f"{run['vae_params']} this DiT was trained on; point vae_workdir in {run_dir / RUN_FILE} at that VAE")
+        _, vae_params, vae_id = load_run_vae(run_dir, run, f"point vae_workdir in {run_dir / RUN_FILE} at that VAE's "
+                                             "run folder, or export with --no-vae")
         vae_step = vae_id["vae_step"]
         run = {**run, "vae_params": vae_id["vae_params"], "vae_step": vae_step}  # runs that predate the record
 
@@ -113,6 +94,5 @@ def export_dit_run(run_dir: str | Path, dst: str | Path, *, dtype: str = "float3
 
     write_folder_atomically(dst, overwrite, fill)
     size, files = _nbytes(dst)
-    count = int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(params)))
-    return {"dst": str(dst), "step": int(at), "params": count, "dtype": dtype, "bytes": size, "files": files,
-            "vae_included": include_vae}
+    return {"dst": str(dst), "step": int(at), "params": count_params(params), "dtype": dtype, "bytes": size,
+            "files": files, "vae_included": include_vae}
