@@ -155,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--zero-gravity", type=float, default=0.0,
                    help="share of clips simulated without gravity, in [0, 1] (default 0: all under gravity)")
 
-    from sora_jax.eval.physics_scenes import FAMILIES, SPLITS
+    from sora_jax.eval.physics_scenes import DEFAULT_FAMILIES, FAMILIES, SPLITS
 
     e = sub.add_parser("eval-physics", help="world-model benchmark: physics metrics from pixels vs baselines",
                        description="Scores frame-conditioned prediction and text-conditioned generation on seeded "
@@ -167,12 +167,14 @@ def _parser() -> argparse.ArgumentParser:
                                   "vae_roundtrip row, the ceiling it puts on a DiT (default: the checkpoint's VAE)")
     e.add_argument("--out", default="outputs/eval_physics", help="folder for report.json, report.md, position_error.png, samples.png")
     e.add_argument("--per-split", type=int, default=8, help="scenes per family and split")
-    e.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated subset of {','.join(FAMILIES)}")
+    e.add_argument("--families", default=",".join(DEFAULT_FAMILIES),
+                   help=f"comma-separated subset of {','.join(FAMILIES)} (drift: multi without gravity)")
     e.add_argument("--splits", default=",".join(SPLITS), help=f"comma-separated subset of {','.join(SPLITS)}")
     e.add_argument("--cond-frames", type=int, default=4,
                    help="pixel frames to condition on, rounded up to whole latent frames (4 -> 5 = 2 latent frames)")
     e.add_argument("--protocols", default="frames,text", help="frames (conditioned prediction), text (t2v), or both")
-    e.add_argument("--text-prompts", type=int, default=8, help="captions for the text protocol")
+    e.add_argument("--text-prompts", type=int, default=8, help="captions per world for the text protocol "
+                   "(multi scenes under gravity, and drift scenes whose captions say 'in zero gravity')")
     e.add_argument("--phyworld-scenes", type=int, default=16, help="PhyWorld parse-floor clips (0 skips)")
     e.add_argument("--phyworld-size", type=int, default=256, help="PhyWorld parse-floor resolution")
     e.add_argument("--size", type=int, help="scene size in pixels (default: the checkpoint's, else 64)")
@@ -212,7 +214,7 @@ def _eval_physics(a) -> None:
                              progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(paths["md"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
-    if "png" not in paths:
+    if "png" not in paths and "frames" in report:  # only the frames protocol has a plot
         print("no position_error.png: matplotlib is not installed (pip install matplotlib)")
 
 

@@ -11,6 +11,7 @@ from sora_jax.data import pipeline
 from sora_jax.data.physics import (
     COLOR_NAMES,
     PhysicsConfig,
+    caption_names_zero_gravity,
     parse_caption,
     parse_combos,
     run_physics,
@@ -18,6 +19,7 @@ from sora_jax.data.physics import (
     simulate_state,
 )
 from sora_jax.data.physics_tfds import build_physics_dataset, example_seed
+from sora_jax.eval.physics_metrics import caption_motion
 from sora_jax.eval.physics_scenes import HELD_OUT_COMBOS, SceneSpec, make_scene
 
 SIZE, FRAMES, NUM_TRAIN, NUM_TEST = 32, 9, 12, 4
@@ -224,10 +226,19 @@ def test_zero_gravity_share_keeps_each_clips_start_and_drops_its_gravity(tmp_pat
         np.testing.assert_array_equal(m["velocities"][0], g["velocities"][0])
         if np.array_equal(m["positions"], g["positions"]):
             worlds.append(1)
+            assert m["caption"] == g["caption"] and not caption_names_zero_gravity(m["caption"])
         else:  # then it is the same start simulated without gravity
             # (the stored start is float32 pixels, so the re-simulation matches to rounding)
-            np.testing.assert_allclose(m["positions"], simulate_state_of(g, without)["positions"], atol=1e-4)
+            free = simulate_state_of(g, without)
+            np.testing.assert_allclose(m["positions"], free["positions"], atol=1e-4)
             worlds.append(0)
+            # Its caption names the world, and still parses as the template.
+            assert caption_names_zero_gravity(m["caption"]) and caption_names_zero_gravity(m["caption"].encode())
+            assert m["caption"] == free["caption"] and m["caption"].endswith(" in zero gravity")
+            n = m["num_balls"]
+            assert parse_caption(m["caption"]) == (n, [COLOR_NAMES[c] for c in sorted(m["colors"][:n].tolist())])
+            colour, verb, _ = caption_motion(m["caption"])
+            assert verb in {"falls", "rises", "bounces"} and colour in m["caption"].split(":")[1]
     assert 10 <= worlds.count(0) <= 30, worlds  # Binomial(40, 0.5): outside this with p < 0.002
     # The option left at 0 draws nothing more: the same clips as datasets built before it.
     for seed in range(5):

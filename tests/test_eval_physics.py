@@ -151,6 +151,10 @@ def test_baselines_rank_as_expected(scenes):
     with_g = np.mean([clip_metrics(baselines.resim_gravity(s, K), s, K)["pos_err_px"] for s in para])
     without = np.mean([clip_metrics(baselines.resim_no_gravity(s, K), s, K)["pos_err_px"] for s in para])
     assert with_g < 0.5 * without, (with_g, without)
+    # Re-simulation in the scene's own world (the one its caption names) takes the better of the two.
+    assert np.array_equal(baselines.resim_world(uni, K), baselines.resim_no_gravity(uni, K))
+    assert all(np.array_equal(baselines.resim_world(s, K), baselines.resim_gravity(s, K)) for s in para)
+    assert uni["caption"].endswith(" in zero gravity") and not any(s["caption"].endswith("gravity") for s in para)
     other = baselines.other_clip(uni, K, scenes[-1])
     np.testing.assert_array_equal(other[K:], scenes[-1]["video"][K:])
 
@@ -167,6 +171,18 @@ def test_text_metrics_score_caption_against_clip(scenes):
     flipped = text_metrics(mirrored, scene["caption"], dt=scene["dt"], gravity_px=scene["gravity_px"])
     if " to the " in scene["caption"]:
         assert m["direction_acc"] == 1.0 and flipped["direction_acc"] == 0.0
+    # A drift scene is multi without gravity, and its caption says so: the true clip scores ĝ near 0
+    # against that world, the falling clip far from it.
+    spec = SceneSpec(families=("drift",), splits=("id",), per_split=4)
+    drifts = make_scenes(spec)
+    assert all(d["gravity_px"] == 0 and d["caption"].endswith(" in zero gravity") for d in drifts)
+    assert {d["num_balls"] for d in drifts} <= {1, 2, 3} and "drift" not in SceneSpec().families
+    drift = drifts[0]
+    true = text_metrics(drift["video"], drift["caption"], dt=drift["dt"], gravity_px=0.0)
+    assert true["count_acc"] == 1.0 and abs(true["g_hat"]) < 2.0 and true["g_abs_err"] == abs(true["g_hat"])
+    assert np.isnan(true["g_rel_err"])
+    falling = text_metrics(scene["video"], scene["caption"] + " in zero gravity", dt=scene["dt"], gravity_px=0.0)
+    assert falling["g_abs_err"] > 0.5 * scene["gravity_px"], falling
 
 
 def test_latent_alignment():
@@ -208,8 +224,9 @@ def test_cli_eval_physics_on_tiny_checkpoint(tiny_runs, tmp_path, capsys):
     assert report["cond_pixel_frames"] == 1
     by_split = report["frames"]["by_split"]
     assert {"model/id", "vae_roundtrip/id", "ground_truth/id", "copy_last/id", "resim_no_gravity/id",
-            "resim_gravity/id"} <= set(by_split)
+            "resim_gravity/id", "resim_world/id"} <= set(by_split)
     assert by_split["model/id"]["clips"] == 1 and report["text"]["model"]["clips"] == 1
+    assert report["text"]["model/drift"]["clips"] == 1 and report["text"]["ground_truth/drift"]["g_abs_err"] < 2.0
     assert len(report["frames"]["curves"]["copy_last"]) == 4  # 5 frames, 1 given
     assert (out / "position_error.png").stat().st_size > 1000
     assert "| model/id |" in (out / "report.md").read_text()
@@ -517,3 +534,15 @@ def test_world_cue_reads_gravity_off_the_conditioning_frames():
     assert conditioning_gravity(flipped, scene["colors"], scene["dt"]) < -30
     with pytest.raises(ValueError, match="at least 3 conditioning frames"):
         world_cue_rows(spec, 2)
+
+
+def test_cli_text_protocol_baselines_cover_both_worlds(tmp_path, capsys):
+    from sora_jax.cli import main
+
+    rc = main(["eval-physics", "--out", str(tmp_path), "--protocols", "text", "--text-prompts", "2",
+               "--phyworld-scenes", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "matplotlib" not in out, out  # a text-only report has no plot to miss
+    text = json.loads((tmp_path / "report.json").read_text())["text"]
+    assert text["ground_truth"]["g_rel_err"] < 0.05 and text["ground_truth/drift"]["g_abs_err"] < 2.0
+    assert text["ground_truth/drift"]["clips"] == 2 and "| ground_truth/drift |" in out

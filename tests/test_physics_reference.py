@@ -6,6 +6,7 @@ import pytest
 
 from configs.physics_reference import (DIT_SHARE, DIT_STEPS_PER_MIN, VAE_SHARE, VAE_STEPS_PER_MIN,
                                        reference_configs)
+from sora_jax.train.dit_data import cache_inputs
 from sora_jax.train.dit_trainer import mask_rates
 from sora_jax.train.vae_trainer import vae_config_from
 
@@ -20,17 +21,21 @@ def test_reference_vae_is_4x4x4_and_steps_follow_the_budget(tmp_path):
     # Half the clips without gravity, as half the benchmark's in-distribution families; the DiT's
     # latent cache is keyed by it, and a run before the option (0) keeps its key.
     assert vae.data.zero_gravity == dit.data.zero_gravity == 0.5
-    old, _ = reference_configs(tmp_path, 90, zero_gravity=0.0)
-    assert old.data.zero_gravity == 0.0
-    from sora_jax.train.dit_data import cache_inputs
-
+    old, old_dit = reference_configs(tmp_path, 90, zero_gravity=0.0)
+    assert old.data.zero_gravity == old_dit.data.zero_gravity == 0.0
     vae_id = {"vae_step": 1, "vae_params": "x"}
-    dit.vae_workdir = str(tmp_path)
     (tmp_path / "vae_config.json").write_text("{}")
-    assert cache_inputs(dit, vae=vae_id)["data"]["zero_gravity"] == 0.5
-    dit.data.zero_gravity = 0.0
-    assert "zero_gravity" not in cache_inputs(dit, vae=vae_id)["data"]
-    dit.data.zero_gravity = 0.5
+
+    def key_of(cfg):  # on a copy, so the configs under test stay as built
+        cfg = cfg.copy_and_resolve_references()
+        cfg.vae_workdir = str(tmp_path)
+        return cache_inputs(cfg, vae=vae_id)["data"]
+
+    key = key_of(dit)
+    # Mixed data since dataset 1.1.0 names the gravity-free world in captions: older caches are refused.
+    assert key["zero_gravity"] == 0.5 and key["captions"] == "world"
+    old_key = key_of(old_dit)
+    assert "zero_gravity" not in old_key and "captions" not in old_key
     assert vae.train.steps == int(VAE_STEPS_PER_MIN * VAE_SHARE * 90)
     assert dit.train.steps == int(DIT_STEPS_PER_MIN * DIT_SHARE * 90)
     longer, _ = reference_configs(tmp_path, 180)

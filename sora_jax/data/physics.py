@@ -1,8 +1,8 @@
 """Procedural "bouncing balls" videos: simulator, renderer, captions and caption parser.
 
 The built-in dataset of sora-jax. Each clip shows 1-3 balls of distinct palette colours on a
-plain dark background, moving under gravity with elastic walls and elastic ball-ball
-collisions. Captions are derived from the simulated state with a small, regular vocabulary so
+plain dark background, moving under gravity (or, for a share of clips, without it: their captions
+end "in zero gravity") with elastic walls and elastic ball-ball collisions. Captions are derived from the simulated state with a small, regular vocabulary so
 that a small model can learn to follow them, and so that `parse_caption` can invert them for
 the physics evaluation (`sora_jax.eval.physics`).
 """
@@ -33,6 +33,7 @@ NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", 
 
 # Net horizontal displacement (fraction of the frame) below which no direction is named.
 DX_THRESHOLD = 0.05
+ZERO_GRAVITY_WORDS = "in zero gravity"  # ends the caption of a clip simulated without gravity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,9 +209,9 @@ def _join(words: list[str]) -> str:
 
 
 def make_caption(
-    colors: list[int], positions: np.ndarray, floor_hits: np.ndarray
+    colors: list[int], positions: np.ndarray, floor_hits: np.ndarray, *, gravity: bool = True
 ) -> str:
-    """Caption from state: count, colours (palette order), motion of the most-moving ball."""
+    """Caption from state: count, colours (palette order), motion of the most-moving ball, world."""
     n = len(colors)
     names = [COLOR_NAMES[c] for c in sorted(colors)]
     path = np.linalg.norm(np.diff(positions, axis=0), axis=-1).sum(axis=0)  # zeros if T == 1
@@ -225,7 +226,9 @@ def make_caption(
     elif dx < -DX_THRESHOLD:
         verb += " to the left"
     noun = "ball" if n == 1 else "balls"
-    return f"{NUMBER_WORDS[n]} {noun}: {_join(names)}; the {COLOR_NAMES[colors[k]]} ball {verb}"
+    # Only the gravity-free world is named, so captions of clips under gravity read as they always did.
+    world = "" if gravity else f" {ZERO_GRAVITY_WORDS}"
+    return f"{NUMBER_WORDS[n]} {noun}: {_join(names)}; the {COLOR_NAMES[colors[k]]} ball {verb}{world}"
 
 
 _CAPTION_RE = re.compile(r"^\s*([a-z]+) balls?: ([a-z ,]+?); the ([a-z]+) ball (.+?)\s*$")
@@ -248,6 +251,13 @@ def parse_caption(caption: str | bytes) -> tuple[int, list[str]]:
     if m.group(3) not in names:
         raise ValueError(f"the described ball {m.group(3)!r} is not among {names} in {caption!r}")
     return NUMBER_WORDS.index(count_word), names
+
+
+def caption_names_zero_gravity(caption: str | bytes) -> bool:
+    """Whether a caption says its clip has no gravity (`make_caption(..., gravity=False)`)."""
+    if isinstance(caption, bytes):
+        caption = caption.decode("utf-8")
+    return caption.lower().rstrip().endswith(ZERO_GRAVITY_WORDS)
 
 
 def parse_combos(text: str) -> tuple[tuple[str, int], ...]:
@@ -311,7 +321,7 @@ def simulate_state(
     video = render(pos_px[:, :n], radii_px[:n], colors, cfg.size, background)
     return {
         "video": video,
-        "caption": make_caption(colors.tolist(), positions, floor_hits),
+        "caption": make_caption(colors.tolist(), positions, floor_hits, gravity=cfg.gravity != 0),
         "num_balls": n,
         "positions": pos_px,
         "velocities": vel_px,

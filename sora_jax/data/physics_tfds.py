@@ -2,7 +2,7 @@
 
 Each (size, frames, num_train, num_test, seed) combination is a BuilderConfig created on the
 fly, so differently sized datasets live in different directories, e.g.
-`<data_dir>/physics_balls/s64_f17_n512_t64_seed0/1.0.0/`. Read it back with
+`<data_dir>/physics_balls/s64_f17_n512_t64_seed0/1.1.0/`. Read it back with
 `builder.as_data_source()` (a grain-compatible random-access source); `as_dataset` would need
 TensorFlow.
 """
@@ -86,8 +86,12 @@ def make_config(
 class PhysicsBalls(tfds.core.GeneratorBasedBuilder):
     """Procedural clips of 1-3 coloured balls under gravity (or, for a share of clips, none) with elastic collisions."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        # Clips under gravity are unchanged; only datasets with zero_gravity > 0 differ.
+        "1.1.0": "Captions of gravity-free clips end 'in zero gravity'.",
+    }
     BUILDER_CONFIGS = [
         PhysicsBallsConfig(name="s64_f17_n512_t64_seed0", description="default 64x64x17"),
     ]

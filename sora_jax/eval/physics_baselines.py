@@ -8,11 +8,14 @@ uint8 video of the scene's shape whose first K frames are the scene's own:
                     radius from area) and re-simulated with walls and collisions but no gravity
   resim_gravity     the same under the training clips' gravity (`PhysicsConfig().gravity`): what a
                     model that learned only a world with gravity would predict, even perfectly
+  resim_world       the same under the scene's own gravity (none, or the training one), which its
+                    caption names: the best a model that parses state as well as the parser can do
   other_clip        the continuation of a different real clip: realistic frames, wrong world
 A model that learned physics must beat copy_last and resim_no_gravity on position error. Where a scene
 has no gravity (the uniform and collision families) resim_no_gravity is near exact and resim_gravity
 is not, and the reverse under gravity: so beating both needs a model that tells the worlds apart from
-the conditioning frames, which it can only learn from training clips of both (`zero_gravity`).
+the conditioning frames or from the caption (which ends "in zero gravity" for a gravity-free clip),
+which it can only learn from training clips of both (`zero_gravity`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 from sora_jax.data.physics import PhysicsConfig, simulate_state
 from sora_jax.eval.physics_metrics import parse_video
 
-BASELINES = ("ground_truth", "copy_last", "resim_no_gravity", "resim_gravity", "other_clip")
+BASELINES = ("ground_truth", "copy_last", "resim_no_gravity", "resim_gravity", "resim_world", "other_clip")
 TRAIN_GRAVITY = PhysicsConfig().gravity  # frame sides / s^2
 
 
@@ -62,6 +65,12 @@ def resim_no_gravity(scene: dict, cond_frames: int, *, truth: dict | None = None
 def resim_gravity(scene: dict, cond_frames: int, *, truth: dict | None = None) -> np.ndarray:
     """Re-simulation under the training clips' gravity from the state parsed off the conditioning frames."""
     return _resim(scene, cond_frames, TRAIN_GRAVITY, truth)
+
+
+def resim_world(scene: dict, cond_frames: int, *, truth: dict | None = None) -> np.ndarray:
+    """Re-simulation under the scene's own gravity from the state parsed off the conditioning frames."""
+    size = np.shape(scene["video"])[1]
+    return _resim(scene, cond_frames, float(scene["gravity_px"]) / size, truth)
 
 
 def _resim(scene: dict, cond_frames: int, gravity: float, truth: dict | None) -> np.ndarray:

@@ -4,7 +4,9 @@ Protocol "frames" (a): condition on the first K pixel frames of each scene and s
 the simulator. The causal VAE maps pixel frame 0 to latent frame 0 and frames 4j-3..4j to latent frame
 j, so K is rounded up to a whole number of latent frames, 4j+1 pixel frames (K=4 -> 5 = 2 latent
 frames); baselines get the same K. Protocol "text" (b): generate from each scene's caption alone and
-score count, colours and the described ball's direction, plus ĝ, area drift and flicker.
+score count, colours and the described ball's direction, plus ĝ, area drift and flicker; the captions
+are of multi scenes (under gravity; rows "method") and of drift scenes (captions ending "in zero
+gravity"; rows "method/drift", where ĝ should be 0).
 
 With a checkpoint (or `vae=`, a VAE run alone), "vae_roundtrip" (the true clip encoded and decoded by
 the VAE) is scored beside the model: the best any DiT on that VAE can do, which splits the model's
@@ -148,6 +150,7 @@ def frame_protocol(scenes: list[dict], k: int, predictors: dict[str, Predictor],
             "copy_last": baselines.copy_last(scene, k),
             "resim_no_gravity": baselines.resim_no_gravity(scene, k, truth=truth),
             "resim_gravity": baselines.resim_gravity(scene, k, truth=truth),
+            "resim_world": baselines.resim_world(scene, k, truth=truth),
         }
         if others:
             preds["other_clip"] = baselines.other_clip(scene, k, others[0])
@@ -233,9 +236,14 @@ def run_benchmark(cfg: BenchConfig, predictors: dict[str, Predictor] | None = No
         report["frames"]["phyworld"] = _phyworld_model_summary(rows)
         report["frames"]["scenes"] = scene_rows(rows)
     if "text" in cfg.protocols:
-        spec = dataclasses.replace(cfg.scenes, families=("multi",), splits=("id",), per_split=cfg.text_prompts)
+        # Both worlds of mixed training data: a caption under gravity reads as always, and one without
+        # says so, so each prompt fixes the world and ĝ can be scored against it.
+        spec = dataclasses.replace(cfg.scenes, families=("multi", "drift"), splits=("id",),
+                                   per_split=cfg.text_prompts)
         rows = text_protocol(make_scenes(spec), generate)
-        report["text"] = {m: summarize(_group(rows, method=m)) for m in dict.fromkeys(r["method"] for r in rows)}
+        methods = dict.fromkeys(r["method"] for r in rows)
+        report["text"] = {m: summarize(_group(rows, method=m, family="multi")) for m in methods} | {
+            f"{m}/drift": summarize(_group(rows, method=m, family="drift")) for m in methods}
     if cfg.phyworld_scenes > 0:
         spec = phyworld.PhyWorldSpec(cfg.phyworld_scenes, cfg.phyworld_size, seed=cfg.scenes.seed)  # scenes, not noise
         report["phyworld_floor"] = {

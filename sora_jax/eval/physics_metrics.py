@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from sora_jax.data.physics import BACKGROUND, COLOR_NAMES, DX_THRESHOLD, parse_caption
+from sora_jax.data.physics import BACKGROUND, COLOR_NAMES, DX_THRESHOLD, ZERO_GRAVITY_WORDS, parse_caption
 from sora_jax.eval.physics import dilate, detect_balls
 from sora_jax.eval.video import psnr, ssim
 
@@ -237,7 +237,7 @@ def clip_metrics(
     }
 
 
-_MOTION_RE = re.compile(r";\s*the ([a-z]+) ball ([a-z]+)(?: to the (left|right))?\s*$")
+_MOTION_RE = re.compile(r";\s*the ([a-z]+) ball ([a-z]+)(?: to the (left|right))?(?: " + ZERO_GRAVITY_WORDS + r")?\s*$")
 
 
 def caption_motion(caption: str) -> tuple[str, str, str | None]:
@@ -267,6 +267,7 @@ def text_metrics(video: np.ndarray, caption: str, *, dt: float, gravity_px: floa
         direction_ok = float(got_h == horizontal)
     obj = _object_mask(video, background)
     area = got["area"]
+    g_hat = gravity_estimate(got["xy"], dt)
     return {
         "n": want_n,
         "count_acc": float(np.mean(got["count"] == want_n)),
@@ -277,9 +278,9 @@ def text_metrics(video: np.ndarray, caption: str, *, dt: float, gravity_px: floa
         "colour_err": _nanmean(got["rgb_err"]),
         "direction_acc": direction_ok,
         "area_drift": _nanmean(np.abs(area[1:] / area[:1] - 1.0)),
-        "g_hat": gravity_estimate(got["xy"], dt),
-        "g_rel_err": float("nan") if gravity_px <= 0 else
-        abs(gravity_estimate(got["xy"], dt) - gravity_px) / gravity_px,
+        "g_hat": g_hat,
+        "g_abs_err": abs(g_hat - gravity_px),
+        "g_rel_err": float("nan") if gravity_px <= 0 else abs(g_hat - gravity_px) / gravity_px,
         "flicker": flicker(video, ~obj.any(axis=0)),
         "verb": verb,
     }

@@ -100,7 +100,8 @@ def render_markdown(report: dict) -> str:
                   f"the {k} conditioning frames.", ""]
     text = report.get("text")
     if text:
-        lines += ["## (b) Text-conditioned generation (captions of in-distribution multi scenes)", ""]
+        lines += ["## (b) Text-conditioned generation (captions of in-distribution multi scenes; `/drift`: the "
+                  "same without gravity, captions ending 'in zero gravity', where ĝ should be 0)", ""]
         lines += _table(text, "method", _TEXT_COLS) + [""]
     floor = report.get("phyworld_floor")
     if floor:

@@ -5,6 +5,8 @@ Families (what physics a scene exercises):
   parabola   one ball under gravity (ĝ from second differences)
   collision  two balls aimed at each other, no gravity (momentum and energy across the collision)
   multi      1-3 balls of distinct colours under gravity: the training distribution itself
+  drift      as multi without gravity: the gravity-free share of mixed training data (`zero_gravity`),
+             whose captions end "in zero gravity"; not in the default set (the text protocol uses it)
 
 Splits (how far a scene is from the training data, `PhysicsConfig()` defaults):
   id          speeds and radii inside the training ranges
@@ -26,7 +28,8 @@ import numpy as np
 
 from sora_jax.data.physics import COLOR_NAMES, PALETTE, PhysicsConfig, simulate_state
 
-FAMILIES = ("uniform", "parabola", "collision", "multi")
+FAMILIES = ("uniform", "parabola", "collision", "multi", "drift")
+DEFAULT_FAMILIES = FAMILIES[:4]
 SPLITS = ("id", "ood_speed", "ood_radius", "combo")
 # (colour, ball count) pairs a compositional model should meet only at test time: training data built
 # with `config.data.exclude` set to these (configs/physics_reference does) never shows them.
@@ -41,7 +44,7 @@ _RADIUS_OOD = ((0.05, 0.065), (0.16, 0.19))
 class SceneSpec:
     """Which scenes to generate: families x splits, `per_split` each, at the model's size and length."""
 
-    families: tuple[str, ...] = FAMILIES
+    families: tuple[str, ...] = DEFAULT_FAMILIES
     splits: tuple[str, ...] = SPLITS
     per_split: int = 8
     size: int = 64
@@ -107,6 +110,8 @@ def make_scene(spec: SceneSpec, family: str, split: str, index: int) -> dict:
     """One evaluation scene (pixels): the `simulate` dict plus family, split, seed, gravity_px, dt."""
     if split == "combo" and family != "multi":
         raise ValueError(f"the combo split exists for family 'multi' only, not {family!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; families: {', '.join(FAMILIES)}")
     seed = scene_seed(spec, family, split, index)
     rng = np.random.default_rng(seed)
     gravity = _TRAIN.gravity if family in ("parabola", "multi") else 0.0

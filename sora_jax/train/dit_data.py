@@ -75,7 +75,8 @@ def cache_inputs(config: ml_collections.ConfigDict, split: str = "train", vae: d
         if d.get("exclude", ""):  # only when set, so caches built before the option keep their keys
             data.update(exclude=str(d.exclude))
         if float(d.get("zero_gravity", 0.0)):  # likewise
-            data.update(zero_gravity=float(d.zero_gravity))
+            # Since dataset version 1.1.0 gravity-free captions name their world: older caches are refused.
+            data.update(zero_gravity=float(d.zero_gravity), captions="world")
     return {"data": data, "vae_step": int(vae["vae_step"]), "vae_params": str(vae["vae_params"]),
             "vae_config": cache_key(vae_config.read_text()),
             "text_encoder": config.text.encoder_dir, "text_max_length": int(config.text.max_length)}
