@@ -514,7 +514,9 @@ def test_recipe_comparison_over_seed_runs(baseline_reports, tmp_path, capsys):
 
 
 def test_world_cue_reads_gravity_off_the_conditioning_frames():
-    from sora_jax.eval.world_cue import conditioning_gravity, world_cue_report, world_cue_rows
+    from sora_jax.data.physics import PhysicsConfig, simulate_state
+    from sora_jax.eval.physics_metrics import gravity_estimate
+    from sora_jax.eval.world_cue import conditioning_gravity, contact_free, world_cue_report, world_cue_rows
 
     spec = SceneSpec(splits=("id",), per_split=2)
     # A fake "VAE" that blanks the frames: no ball is seen, so no world can be read (NaN, never "falls").
@@ -534,6 +536,15 @@ def test_world_cue_reads_gravity_off_the_conditioning_frames():
     assert conditioning_gravity(flipped, scene["colors"], scene["dt"]) < -30
     with pytest.raises(ValueError, match="at least 3 conditioning frames"):
         world_cue_rows(spec, 2)
+    # A ball that hits the floor between given frames 2 and 3 spoils two of the three second
+    # differences, so their median reads it as rising; frames where it may touch the floor are left out.
+    cfg = PhysicsConfig(size=64, frames=5)
+    for y0 in (0.76, 0.77):
+        clip = simulate_state(np.array([[0.4, y0]]), np.array([[0.3, 0.8]]), np.array([0.1]), np.array([0]), cfg)
+        got = parse_video(clip["video"], np.array([0]))
+        assert gravity_estimate(got["xy"], cfg.dt) < -300  # every triple kept: the bounce decides
+        assert contact_free(got["xy"], got["area"], 64)[:, 0].tolist() == [True, True, False, False, True]
+        assert abs(conditioning_gravity(clip["video"], np.array([0]), cfg.dt) - 64.0) < 5
 
 
 def test_cli_text_protocol_baselines_cover_both_worlds(tmp_path, capsys):
