@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -150,6 +152,8 @@ def _with_fallback(manager: ocp.CheckpointManager, load: Callable[[int], Any], *
             reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
             log.warning("checkpoint step %d in %s is unreadable (%s); trying an older step", step, manager.directory, reason)
             bad.append((step, reason))
+            del e  # its traceback holds the failed read's frames
+            _collect_abandoned_reads()
             continue
         # Only once an older step loaded: if every step fails the cause is more likely the target
         # (a changed model config) than the files, and nothing should move.
@@ -158,6 +162,7 @@ def _with_fallback(manager: ocp.CheckpointManager, load: Callable[[int], Any], *
         if bad:
             log.warning("resumed from checkpoint step %d instead of the unreadable step(s) %s",
                         step, ", ".join(str(s) for s, _ in bad))
+            _collect_abandoned_reads()  # some are let go only once the next restore has run
         return step, out
     raise CheckpointError(
         f"no checkpoint in {manager.directory} could be restored ("
@@ -165,6 +170,24 @@ def _with_fallback(manager: ocp.CheckpointManager, load: Callable[[int], Any], *
         + "); fix or remove them, or train into a new directory (--config.workdir; --outdir for "
         "scripts/train_reference.py)"
     )
+
+
+def _collect_abandoned_reads() -> None:
+    """Collect now, quietly, the array reads a failed restore left pending.
+
+    When one array of a step fails to read, orbax leaves the other read coroutines unfinished. Collected
+    later, each prints "Exception ignored in <coroutine _read_array_index_and_device_put>" in whatever
+    code is running then. They belong to the step already reported unreadable, so they are dropped here.
+    """
+    dropped: list[str] = []
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: dropped.append(type(u.exc_value).__name__)
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    if dropped:
+        log.debug("dropped %d errors of abandoned checkpoint reads (%s)", len(dropped), ", ".join(sorted(set(dropped))))
 
 
 def _quarantine(manager: ocp.CheckpointManager, steps: list[int]) -> None:
