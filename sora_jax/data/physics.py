@@ -2,9 +2,10 @@
 
 The built-in dataset of sora-jax. Each clip shows 1-3 balls of distinct palette colours on a
 plain dark background, moving under gravity (or, for a share of clips, without it: their captions
-end "in zero gravity") with elastic walls and elastic ball-ball collisions. Captions are derived from the simulated state with a small, regular vocabulary so
-that a small model can learn to follow them, and so that `parse_caption` can invert them for
-the physics evaluation (`sora_jax.eval.physics`).
+end "in zero gravity") with elastic walls and elastic ball-ball collisions. Captions are derived
+from the simulated state with a small, regular vocabulary so that a small model can learn to
+follow them, and so that `parse_caption` can invert them for the physics evaluation
+(`sora_jax.eval.physics`).
 """
 
 from __future__ import annotations
@@ -251,13 +252,6 @@ def parse_caption(caption: str | bytes) -> tuple[int, list[str]]:
     if m.group(3) not in names:
         raise ValueError(f"the described ball {m.group(3)!r} is not among {names} in {caption!r}")
     return NUMBER_WORDS.index(count_word), names
-
-
-def caption_names_zero_gravity(caption: str | bytes) -> bool:
-    """Whether a caption says its clip has no gravity (`make_caption(..., gravity=False)`)."""
-    if isinstance(caption, bytes):
-        caption = caption.decode("utf-8")
-    return caption.lower().rstrip().endswith(ZERO_GRAVITY_WORDS)
 
 
 def parse_combos(text: str) -> tuple[tuple[str, int], ...]:

@@ -4,9 +4,9 @@ The benchmark's in-distribution families differ in their world: uniform motion a
 gravity, parabolas and multi-ball scenes fall. A frame-conditioned model must read the world off the
 K given frames, and it sees them only through its VAE. This estimates gravity from those frames alone
 (ĝ: the median of the balls' second differences of height over the frames, `gravity_estimate`, as
-the clip metrics compute it, but leaving out frames where a ball may touch the floor, the ceiling or another ball,
-judged from the parsed frames alone) on the true frames and on their VAE roundtrip, and counts how
-often thresholding ĝ at half the training gravity names the right world.
+the clip metrics compute it, but leaving out frames where a ball may touch the floor, the ceiling or
+another ball, judged from the parsed frames alone) on the true frames and on their VAE roundtrip,
+and counts how often thresholding ĝ at half the training gravity names the right world.
 """
 
 from __future__ import annotations

@@ -144,6 +144,7 @@ def _with_fallback(manager: ocp.CheckpointManager, load: Callable[[int], Any], *
         raise CheckpointError(f"no checkpoint found in {manager.directory}")
     bad: list[tuple[int, str]] = []
     for step in steps:
+        failed = False
         try:
             out = load(step)
         except DataMismatchError:
@@ -152,7 +153,8 @@ def _with_fallback(manager: ocp.CheckpointManager, load: Callable[[int], Any], *
             reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
             log.warning("checkpoint step %d in %s is unreadable (%s); trying an older step", step, manager.directory, reason)
             bad.append((step, reason))
-            del e  # its traceback holds the failed read's frames
+            failed = True
+        if failed:  # out of the except block, whose exception still holds the failed read's frames
             _collect_abandoned_reads()
             continue
         # Only once an older step loaded: if every step fails the cause is more likely the target
@@ -162,7 +164,6 @@ def _with_fallback(manager: ocp.CheckpointManager, load: Callable[[int], Any], *
         if bad:
             log.warning("resumed from checkpoint step %d instead of the unreadable step(s) %s",
                         step, ", ".join(str(s) for s, _ in bad))
-            _collect_abandoned_reads()  # some are let go only once the next restore has run
         return step, out
     raise CheckpointError(
         f"no checkpoint in {manager.directory} could be restored ("
