@@ -154,6 +154,11 @@ def test_baselines_rank_as_expected(scenes):
     # Re-simulation in the scene's own world (the one its caption names) takes the better of the two.
     assert np.array_equal(baselines.resim_world(uni, K), baselines.resim_no_gravity(uni, K))
     assert all(np.array_equal(baselines.resim_world(s, K), baselines.resim_gravity(s, K)) for s in para)
+    # `world_acc`: whether the prediction's ĝ puts it in the scene's world.
+    assert clip_metrics(baselines.ground_truth(uni, K), uni, K)["world_acc"] == 1.0
+    assert clip_metrics(baselines.resim_gravity(uni, K), uni, K)["world_acc"] == 0.0
+    assert [clip_metrics(baselines.resim_no_gravity(s, K), s, K)["world_acc"] for s in para] == [0.0] * len(para)
+    assert [clip_metrics(baselines.ground_truth(s, K), s, K)["world_acc"] for s in para] == [1.0] * len(para)
     assert uni["caption"].endswith(" in zero gravity") and not any(s["caption"].endswith("gravity") for s in para)
     other = baselines.other_clip(uni, K, scenes[-1])
     np.testing.assert_array_equal(other[K:], scenes[-1]["video"][K:])
@@ -183,6 +188,8 @@ def test_text_metrics_score_caption_against_clip(scenes):
     assert np.isnan(true["g_rel_err"])
     falling = text_metrics(scene["video"], scene["caption"] + " in zero gravity", dt=scene["dt"], gravity_px=0.0)
     assert falling["g_abs_err"] > 0.5 * scene["gravity_px"], falling
+    assert true["world_acc"] == 1.0 and falling["world_acc"] == 0.0 and m["world_acc"] == 1.0
+    assert np.isnan(empty["world_acc"])  # no ball, no ĝ: neither world
 
 
 def test_latent_alignment():

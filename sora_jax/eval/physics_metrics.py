@@ -13,7 +13,8 @@ import re
 
 import numpy as np
 
-from sora_jax.data.physics import BACKGROUND, COLOR_NAMES, DX_THRESHOLD, ZERO_GRAVITY_WORDS, parse_caption
+from sora_jax.data.physics import (BACKGROUND, COLOR_NAMES, DX_THRESHOLD, ZERO_GRAVITY_WORDS, PhysicsConfig,
+                                   parse_caption)
 from sora_jax.eval.physics import dilate, detect_balls
 from sora_jax.eval.video import psnr, ssim
 
@@ -23,6 +24,7 @@ _OBJECT_DIST = 40.0
 _FG_DILATE = 2
 # A true second difference further than this (px) from g dt^2 marks a bounce or collision.
 _EVENT_TOL_PX = 0.01
+WORLD_THRESHOLD = 0.5  # of the training gravity: a ĝ above it reads as the falling world
 ERROR_KEYS = ("pos_err_px", "vel_err_px", "area_drift", "g_abs_err", "g_rel_err", "momentum_change",
               "energy_change")
 
@@ -110,6 +112,16 @@ def gravity_estimate(xy: np.ndarray, dt: float, valid: np.ndarray | None = None)
         dd = np.where(valid[1:-1], dd, np.nan)
     dd = dd[np.isfinite(dd)]
     return float(np.median(dd)) if dd.size else float("nan")
+
+
+def right_world(g_hat: float, gravity_px: float, size: int) -> float:
+    """1.0 if ĝ (px/s²) puts a clip in its scene's world, 0.0 if in the other one, nan without a ĝ.
+
+    A clip reads as falling when ĝ exceeds `WORLD_THRESHOLD` of the training gravity at this size.
+    """
+    if not np.isfinite(g_hat):
+        return float("nan")
+    return float((g_hat > WORLD_THRESHOLD * PhysicsConfig().gravity * size) == (gravity_px > 0))
 
 
 def _free_flight(true_xy: np.ndarray, g_px: float, dt: float) -> np.ndarray:
@@ -228,6 +240,7 @@ def clip_metrics(
         "g_hat": g_hat,
         "g_abs_err": abs(g_hat - g_px) if np.isfinite(g_hat) else float("nan"),
         "g_rel_err": abs(g_hat - g_px) / g_px if g_px > 0 and np.isfinite(g_hat) else float("nan"),
+        "world_acc": right_world(g_hat, g_px, pred.shape[2]),
         "momentum_change": dp,
         "energy_change": de,
         "flicker": flicker(pred[k0:], still),
@@ -281,6 +294,7 @@ def text_metrics(video: np.ndarray, caption: str, *, dt: float, gravity_px: floa
         "g_hat": g_hat,
         "g_abs_err": abs(g_hat - gravity_px),
         "g_rel_err": float("nan") if gravity_px <= 0 else abs(g_hat - gravity_px) / gravity_px,
+        "world_acc": right_world(g_hat, gravity_px, video.shape[2]),
         "flicker": flicker(video, ~obj.any(axis=0)),
         "verb": verb,
     }

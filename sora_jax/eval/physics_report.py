@@ -13,7 +13,7 @@ _FRAME_COLS = (
     ("color_jaccard", "colour J", "{:.2f}"), ("colour_err", "colour err", "{:.1f}"),
     ("area_drift", "area drift", "{:.3f}"), ("pos_err_px", "pos err px", "{:.2f}"),
     ("miss_rate", "miss", "{:.2f}"), ("vel_err_px", "vel err px/frame", "{:.2f}"),
-    ("g_rel_err", "ĝ rel err", "{:.3f}"), ("momentum_change", "Δp", "{:.3f}"),
+    ("g_rel_err", "ĝ rel err", "{:.3f}"), ("world_acc", "world", "{:.2f}"), ("momentum_change", "Δp", "{:.3f}"),
     ("energy_change", "ΔE", "{:.3f}"), ("flicker", "flicker", "{:.2f}"), ("psnr", "PSNR", "{:.1f}"),
     ("ssim", "SSIM", "{:.3f}"), ("fg_psnr", "fg PSNR", "{:.1f}"),
 )
@@ -22,7 +22,8 @@ _TEXT_COLS = (("count_acc", "count acc", "{:.2f}"), ("count_over", "count >n", "
               ("color_jaccard", "colour J", "{:.2f}"), ("colour_err", "colour err", "{:.1f}"),
               ("direction_acc", "direction acc", "{:.2f}"),
               ("g_hat", "ĝ px/s²", "{:.1f}"),
-              ("g_rel_err", "ĝ rel err", "{:.2f}"), ("area_drift", "area drift", "{:.3f}"),
+              ("g_rel_err", "ĝ rel err", "{:.2f}"), ("world_acc", "world", "{:.2f}"),
+              ("area_drift", "area drift", "{:.3f}"),
               ("flicker", "flicker", "{:.2f}"))
 _MULTIPLE_OF_FLOOR = ("pos_err_px", "vel_err_px", "g_rel_err", "area_drift", "momentum_change", "energy_change")
 
@@ -60,13 +61,16 @@ def render_markdown(report: dict) -> str:
         lines += [f"## (a) Frame-conditioned prediction: {k} conditioning pixel frames "
                   f"({report['cond_latent_frames']} latent), later frames scored", "",
                   "Errors in parentheses are multiples of the ground-truth parse floor (the same metric on "
-                  "the true clip). Position/velocity errors over parsed balls; misses counted apart.", ""]
+                  "the true clip). Position/velocity errors over parsed balls; misses counted apart. `world`: "
+                  "the share of clips whose ĝ puts them in their scene's world (falling above half the training "
+                  "gravity).", ""]
         lines += _table(frames["by_split"], "method / split", _FRAME_COLS) + [""]
         lines += ["### Position error by family", ""]
         lines += _table(frames["by_family"], "method / family / split",
                         [c for c in _FRAME_COLS if c[0] in ("count_acc", "count_over", "count_under", "pos_err_px",
                                                             "miss_rate", "vel_err_px",
-                                                            "g_rel_err", "momentum_change", "energy_change")])
+                                                            "g_rel_err", "world_acc", "momentum_change",
+                                                            "energy_change")])
         lines += ["", "### By object count (in distribution)", ""]
         lines += _table(frames["by_count"], "method / balls",
                         [c for c in _FRAME_COLS if c[0] in ("count_acc", "count_over", "count_under",

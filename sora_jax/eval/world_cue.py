@@ -16,11 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from sora_jax.eval.physics_metrics import gravity_estimate, parse_video
+from sora_jax.eval.physics_metrics import WORLD_THRESHOLD, gravity_estimate, parse_video
 from sora_jax.eval.physics_scenes import SceneSpec, make_scenes
-
-WORLD_THRESHOLD = 0.5  # of the training gravity
-
 
 def contact_free(xy: np.ndarray, area: np.ndarray, size: int) -> np.ndarray:
     """[T, M] bool: whether ball m at frame t is farther from floor, ceiling and other balls than it moves in a frame.
