@@ -12,7 +12,7 @@ import pytest
 from sora_jax.data.physics import BACKGROUND, COLOR_NAMES, PALETTE_RGB, render
 from sora_jax.eval import physics_baselines as baselines
 from sora_jax.eval.physics_bench import latent_aligned
-from sora_jax.eval.physics_metrics import clip_metrics, parse_video, text_metrics
+from sora_jax.eval.physics_metrics import clip_metrics, gravity_estimate, gravity_fit, parse_video, text_metrics
 from sora_jax.eval.physics_scenes import HELD_OUT_COMBOS, SceneSpec, make_scene, make_scenes
 from sora_jax.eval.phyworld import PAPER_FLOOR, PhyWorldSpec, initial_state, kang_floor, parse_floor, parse_kang
 
@@ -522,8 +522,8 @@ def test_recipe_comparison_over_seed_runs(baseline_reports, tmp_path, capsys):
 
 def test_world_cue_reads_gravity_off_the_conditioning_frames():
     from sora_jax.data.physics import PhysicsConfig, simulate_state
-    from sora_jax.eval.physics_metrics import gravity_estimate
-    from sora_jax.eval.world_cue import conditioning_gravity, contact_free, world_cue_report, world_cue_rows
+    from sora_jax.eval.physics_metrics import contact_free
+    from sora_jax.eval.world_cue import conditioning_gravity, world_cue_report, world_cue_rows
 
     spec = SceneSpec(splits=("id",), per_split=2)
     # A fake "VAE" that blanks the frames: no ball is seen, so no world can be read (NaN, never "falls").
@@ -564,3 +564,24 @@ def test_cli_text_protocol_baselines_cover_both_worlds(tmp_path, capsys):
     text = json.loads((tmp_path / "report.json").read_text())["text"]
     assert text["ground_truth"]["g_rel_err"] < 0.05 and text["ground_truth/drift"]["g_abs_err"] < 2.0
     assert text["ground_truth/drift"]["clips"] == 2 and "| ground_truth/drift |" in out
+
+
+def test_gravity_fit_reads_a_noisy_track_far_better_than_second_differences():
+    dt, g = 1 / 16, 64.0
+    t = np.arange(12) * dt
+    rng = np.random.default_rng(0)
+    fit_err, dd_err = [], []
+    for _ in range(40):
+        y = 20 + 30 * t + 0.5 * g * t**2 + rng.normal(0, 0.3, t.size)  # 0.3 px of parse noise
+        xy = np.stack([np.full_like(y, 30.0), y], -1)[:, None]  # [T, 1, 2]
+        fit_err.append(abs(gravity_fit(xy, dt) - g))
+        dd_err.append(abs(gravity_estimate(xy, dt) - g))
+    assert np.median(fit_err) < 10 and np.median(fit_err) < 0.25 * np.median(dd_err), (fit_err, dd_err)
+    # A bounce (an invalid centre) splits the track: each side is fitted alone, neither across it.
+    y = np.concatenate([50 + 0.5 * g * t[:6] ** 2, 50 - 20 * t[:6] + 0.5 * g * t[:6] ** 2])
+    xy = np.stack([np.zeros_like(y), y], -1)[:, None]
+    valid = np.ones((12, 1), bool)
+    valid[5:7] = False
+    assert abs(gravity_fit(xy, dt, valid) - g) < 1e-6
+    assert abs(gravity_fit(xy, dt) - g) > 20  # fitted across the jump
+    assert np.isnan(gravity_fit(np.full((5, 1, 2), np.nan), dt))

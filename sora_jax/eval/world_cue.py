@@ -16,28 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from sora_jax.eval.physics_metrics import WORLD_THRESHOLD, gravity_estimate, parse_video
+from sora_jax.eval.physics_metrics import WORLD_THRESHOLD, contact_free, gravity_estimate, parse_video
 from sora_jax.eval.physics_scenes import SceneSpec, make_scenes
-
-def contact_free(xy: np.ndarray, area: np.ndarray, size: int) -> np.ndarray:
-    """[T, M] bool: whether ball m at frame t is farther from floor, ceiling and other balls than it moves in a frame.
-
-    From parsed tracks alone (radius from area): a triple centred on a frame where a ball may touch the
-    floor, the ceiling or another ball holds a bounce's velocity jump, not gravity.
-    """
-    r = np.sqrt(area / np.pi)
-    step = np.linalg.norm(np.diff(xy, axis=0), axis=-1)  # [T-1, M]
-    reach = np.fmax(np.pad(step, ((1, 0), (0, 0)), constant_values=np.nan),
-                    np.pad(step, ((0, 1), (0, 0)), constant_values=np.nan)) + 1.0  # px, +1 for the rim
-    # Side walls flip only the horizontal velocity, which ĝ does not use.
-    gap = np.minimum(xy[..., 1], size - xy[..., 1]) - r
-    for j in range(xy.shape[1]):
-        apart = np.linalg.norm(xy - xy[:, j:j + 1], axis=-1) - r - r[:, j:j + 1]  # [T, M]
-        apart[:, j] = np.inf
-        gap = np.fmin(gap, apart)
-    with np.errstate(invalid="ignore"):
-        return gap > reach
-
 
 def conditioning_gravity(video: np.ndarray, colors: np.ndarray, dt: float) -> float:
     """ĝ in px/s² (down is positive) from uint8 frames [K, H, W, 3], K >= 3, as clip metrics estimate it but
