@@ -24,7 +24,7 @@ _OBJECT_DIST = 40.0
 _FG_DILATE = 2
 # A true second difference further than this (px) from g dt^2 marks a bounce or collision.
 _EVENT_TOL_PX = 0.01
-WORLD_THRESHOLD = 0.5  # of the training gravity: a ĝ above it reads as the falling world
+WORLD_THRESHOLD = 0.5  # of the training gravity: an estimate above it reads as the falling world
 ERROR_KEYS = ("pos_err_px", "vel_err_px", "area_drift", "g_abs_err", "g_rel_err", "momentum_change",
               "energy_change")
 

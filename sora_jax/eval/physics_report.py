@@ -62,8 +62,8 @@ def render_markdown(report: dict) -> str:
                   f"({report['cond_latent_frames']} latent), later frames scored", "",
                   "Errors in parentheses are multiples of the ground-truth parse floor (the same metric on "
                   "the true clip). Position/velocity errors over parsed balls; misses counted apart. `world`: "
-                  "the share of clips whose ĝ puts them in their scene's world (falling above half the training "
-                  "gravity).", ""]
+                  "the share of clips whose fitted gravity (a parabola per free-flight run, `gravity_fit`) puts them "
+                  "in their scene's world (falling above half the training gravity).", ""]
         lines += _table(frames["by_split"], "method / split", _FRAME_COLS) + [""]
         lines += ["### Position error by family", ""]
         lines += _table(frames["by_family"], "method / family / split",
