@@ -18,7 +18,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from sora_jax.convert.folders import _export, write_folder_atomically, convert_wan_dit, convert_wan_vae, read_json_file
+from sora_jax.convert.folders import _export, convert_wan_dit, convert_wan_vae, read_json_file, write_folder_atomically
 
 PIPELINE_FILE = "pipeline.json"
 T5_CONFIG_FILE = "t5_config.json"

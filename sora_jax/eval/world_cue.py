@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from sora_jax.eval.physics_metrics import WORLD_THRESHOLD, contact_free, gravity_estimate, parse_video
+from sora_jax.eval.physics_metrics import (WORLD_THRESHOLD, contact_free, gravity_estimate, parse_video,
+                                           right_world)
 from sora_jax.eval.physics_scenes import SceneSpec, make_scenes
 
 def conditioning_gravity(video: np.ndarray, colors: np.ndarray, dt: float) -> float:
@@ -47,8 +48,8 @@ def world_cue_rows(spec: SceneSpec, cond_frames: int, roundtrip: Callable[[np.nd
 
 def world_accuracy(rows: list[dict[str, Any]], key: str, train_gravity_px: float) -> dict[str, float]:
     """Share of scenes whose ĝ (`key`) lands on the right side of half the training gravity, overall and per family."""
-    def right(r):
-        return bool((r[key] > WORLD_THRESHOLD * train_gravity_px) == (r["gravity_px"] > 0))
+    def right(r):  # a scene where no ball is seen (no estimate) reads as gravity-free
+        return right_world(np.nan_to_num(r[key]), r["gravity_px"], train_gravity_px)
 
     out = {"all": float(np.mean([right(r) for r in rows]))}
     for family in dict.fromkeys(r["family"] for r in rows):
