@@ -71,6 +71,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # TI2V), so the network can tell conditioning from noisy input at every noise level;
             # samplers then hold them clean at timestep 0 too.
             "given_t0": False,
+            # Foreground-weighted loss: latent cells more than fg_threshold (unit-scale latent
+            # units) from the batch's per-cell median get weight 1 + fg_weight in a weighted mean
+            # (diffusion/weighting.py foreground_cells). For small objects on a shared static
+            # background, as physics_balls; 0 = the plain mean.
+            "fg_weight": 0.0,
+            "fg_threshold": 1.0,
         }
     )
     # solver "auto": euler for flow runs, ddim for DDPM runs; or euler | heun | unipc | ddim.

@@ -386,3 +386,69 @@ def test_help_documents_every_mode(capsys):
     out = capsys.readouterr().out
     for mode in lc.MODES:
         assert any(line.strip().startswith(mode + " ") for line in out.splitlines()), mode
+
+
+def _sparse_batch() -> tuple[jax.Array, np.ndarray]:
+    """8 clips on one shared, position-varying background, each with one 'object' cell of its own."""
+    rng = np.random.default_rng(0)
+    background = rng.normal(size=(1, 2, 4, 4, 3))
+    x0 = np.repeat(background, 8, axis=0) + 0.05 * rng.normal(size=(8, 2, 4, 4, 3))
+    objects = np.zeros((8, 2, 4, 4, 1), bool)
+    for b in range(8):
+        t, h, w = b % 2, b // 2, (3 * b) % 4
+        x0[b, t, h, w] += 2.0  # |offset| = 2 sqrt(3) ~ 3.5 latent units from the background
+        objects[b, t, h, w] = True
+    return jnp.asarray(x0, jnp.float32), objects
+
+
+def test_foreground_cells_weights_the_cells_that_leave_the_batch_background():
+    from sora_jax.diffusion.weighting import foreground_cells, per_example_mean
+
+    x0, objects = _sparse_batch()
+    cells, share = foreground_cells(x0, 9.0, 1.0)
+    np.testing.assert_array_equal(np.asarray(cells), np.where(objects, 10.0, 1.0))
+    np.testing.assert_allclose(float(share), objects.mean())
+    # A batch of one has no background to differ from.
+    np.testing.assert_array_equal(np.asarray(foreground_cells(x0[:1], 9.0, 1.0)[0]), 1.0)
+
+    err = jnp.asarray(np.random.default_rng(1).uniform(size=x0.shape), jnp.float32)
+    given = jnp.zeros((8, 2, 4, 4, 1)).at[:, 0].set(1.0)
+    keep = np.broadcast_to((1.0 - np.asarray(given)) * np.asarray(cells), err.shape)
+    expected = (np.asarray(err) * keep).reshape(8, -1).sum(1) / keep.reshape(8, -1).sum(1)
+    np.testing.assert_allclose(per_example_mean(err, given, cells), expected, rtol=1e-6)
+    # Unit weights are the plain mean; heavier object cells move the mean towards their error.
+    np.testing.assert_allclose(per_example_mean(err, given, jnp.ones_like(cells)), per_example_mean(err, given),
+                               rtol=1e-6)
+    on_objects = jnp.where(objects, 100.0, 0.0)
+    assert np.all(np.asarray(per_example_mean(err + on_objects, None, cells) - per_example_mean(err, None, cells))
+                  > np.asarray(per_example_mean(err + on_objects) - per_example_mean(err)))
+
+
+def test_train_step_fg_weight():
+    """diffusion.fg_weight = 0 is the plain step bit for bit; > 0 reweights the loss and reports the share."""
+    import ml_collections
+
+    from configs.common import optim_config
+    from sora_jax.diffusion.weighting import foreground_cells
+    from sora_jax.train.dit_trainer import make_dit_step
+    from sora_jax.train.state import TrainState, make_optimizer
+
+    x0, objects = _sparse_batch()
+    model = _PerCell()
+    params = model.init(jax.random.key(0), x0[:1], jnp.zeros((1,)), None, None)
+    tx = make_optimizer(optim_config(1e-3, 1), 10)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=None, tx=tx)
+    batch = {"latents": x0, "text": jnp.ones((8, 3, 8)), "text_mask": jnp.ones((8, 3), bool)}
+    base = {"text_dropout": 0.1, "timestep_sampling": "logit_normal", "shift": 1.0, "mask_rates": {"first_k": 0.5}}
+    out = {}
+    for name, extra in (("absent", {}), ("zero", {"fg_weight": 0.0}), ("ten", {"fg_weight": 10.0})):
+        step = jax.jit(make_dit_step(model, ml_collections.ConfigDict({**base, **extra})))
+        out[name] = step(state, batch, jax.random.key(2))
+    assert float(out["absent"][1]["loss"]) == float(out["zero"][1]["loss"])
+    assert "fg_share" not in out["zero"][1]
+    np.testing.assert_allclose(float(out["ten"][1]["fg_share"]), float(foreground_cells(x0, 10.0, 1.0)[1]))
+    np.testing.assert_allclose(float(out["ten"][1]["fg_share"]), objects.mean())
+    assert float(out["ten"][1]["loss"]) != float(out["zero"][1]["loss"])
+    for bad in ({"fg_weight": -1.0}, {"fg_weight": 1.0, "fg_threshold": 0.0}):
+        with pytest.raises(ValueError, match="diffusion.fg_weight must be >= 0"):
+            make_dit_step(model, ml_collections.ConfigDict({**base, **bad}))

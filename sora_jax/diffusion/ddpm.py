@@ -138,9 +138,10 @@ class DDPMObjective:
         return loss_weight(self.snr(t), self.weighting, self.prediction, self.snr_gamma)
 
     def loss(
-        self, pred: jax.Array, x0: jax.Array, noise: jax.Array, t: jax.Array, given: jax.Array | None = None
+        self, pred: jax.Array, x0: jax.Array, noise: jax.Array, t: jax.Array, given: jax.Array | None = None,
+        cells: jax.Array | None = None,
     ) -> jax.Array:
-        """Weighted MSE of the prediction per example [B], conditioning cells (`given`) left out."""
+        """Weighted MSE of the prediction per example [B], conditioning cells (`given`) left out, `cells` per-cell weights."""
         err = jnp.square(pred.astype(jnp.float32) - self.target(x0, noise, t))
-        per_example = per_example_mean(err, given)
+        per_example = per_example_mean(err, given, cells)
         return per_example if self.weighting == "none" else per_example * self.weight(t)

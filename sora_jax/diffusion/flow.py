@@ -124,14 +124,16 @@ def flow_snr(sigma: jax.Array) -> jax.Array:
 
 
 def flow_loss(
-    pred: jax.Array, x0: jax.Array, noise: jax.Array, weight: jax.Array | None = None, given: jax.Array | None = None
+    pred: jax.Array, x0: jax.Array, noise: jax.Array, weight: jax.Array | None = None, given: jax.Array | None = None,
+    cells: jax.Array | None = None,
 ) -> jax.Array:
     """Mean squared error of the predicted velocity, per example, times an optional per-example weight.
 
-    `given` (broadcastable to x0, 1 = a conditioning cell fed clean) leaves those cells out of the mean.
+    `given` (broadcastable to x0, 1 = a conditioning cell fed clean) leaves those cells out of the mean;
+    `cells` (per-cell weights) makes it a weighted mean.
     """
     err = jnp.square(pred.astype(jnp.float32) - velocity_target(x0, noise).astype(jnp.float32))
-    per_example = per_example_mean(err, given)
+    per_example = per_example_mean(err, given, cells)
     return per_example if weight is None else per_example * weight
 
 
@@ -171,7 +173,8 @@ class FlowObjective:
         return loss_weight(flow_snr(sigma), self.weighting, "flow", self.snr_gamma)
 
     def loss(
-        self, pred: jax.Array, x0: jax.Array, noise: jax.Array, sigma: jax.Array, given: jax.Array | None = None
+        self, pred: jax.Array, x0: jax.Array, noise: jax.Array, sigma: jax.Array, given: jax.Array | None = None,
+        cells: jax.Array | None = None,
     ) -> jax.Array:
-        """Weighted velocity MSE per example [B], conditioning cells (`given`) left out."""
-        return flow_loss(pred, x0, noise, None if self.weighting == "none" else self.weight(sigma), given)
+        """Weighted velocity MSE per example [B], conditioning cells (`given`) left out, `cells` per-cell weights."""
+        return flow_loss(pred, x0, noise, None if self.weighting == "none" else self.weight(sigma), given, cells)

@@ -15,6 +15,7 @@ import ml_collections
 from sora_jax.diffusion import ddpm, flow
 from sora_jax.diffusion.conditioning import MaskRates, sample_train_masks
 from sora_jax.diffusion.samplers import sampler_for_run
+from sora_jax.diffusion.weighting import foreground_cells
 from sora_jax.models.dit import DiT, DiTConfig, dit_config, validate_latent_grid
 from sora_jax.parallel.mesh import batch_sharding, global_batch
 from sora_jax.train import checkpoint
@@ -97,6 +98,11 @@ def make_dit_step(model: DiT, diff_cfg: ml_collections.ConfigDict, grad_accum: i
     p_drop = float(diff_cfg.text_dropout)
     rates = mask_rates(diff_cfg)
     given_t0 = bool(diff_cfg.get("given_t0", False))
+    fg_weight = float(diff_cfg.get("fg_weight", 0.0))
+    fg_threshold = float(diff_cfg.get("fg_threshold", 1.0))
+    if not fg_weight >= 0 or not fg_threshold > 0:
+        raise ValueError(f"diffusion.fg_weight must be >= 0 and diffusion.fg_threshold > 0, got {fg_weight} and "
+                         f"{fg_threshold}; e.g. --config.diffusion.fg_weight=10 --config.diffusion.fg_threshold=1")
 
     def loss_fn(params, batch, rng):
         x0, text, mask = batch["latents"], batch["text"], batch["text_mask"]
@@ -130,8 +136,12 @@ def make_dit_step(model: DiT, diff_cfg: ml_collections.ConfigDict, grad_accum: i
             pad = 1.0 - real.astype(x0.dtype)[..., None]  # [B, T', H', W', 1], 1 = padding
             skip = pad if given is None else jnp.maximum(given, pad)
         pred = model.apply(params, x_t, t_model, text, mask, **extra)
-        loss = obj.loss(pred, x0, noise, time, given=skip).mean()
-        return loss, {"loss": loss}
+        aux = {}
+        cells = None
+        if fg_weight > 0:
+            cells, aux["fg_share"] = foreground_cells(x0, fg_weight, fg_threshold)
+        loss = obj.loss(pred, x0, noise, time, given=skip, cells=cells).mean()
+        return loss, {"loss": loss, **aux}
 
     def step(state: TrainState, batch: dict, rng: jax.Array):
         grads, metrics = accumulate_gradients(jax.grad(loss_fn, has_aux=True), state.params, batch, rng, grad_accum)
