@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -12,6 +13,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -146,7 +148,9 @@ def _with_fallback(manager: ocp.CheckpointManager, load: Callable[[int], Any], *
     for step in steps:
         failed = False
         try:
-            out = load(step)
+            # Quiet from the start: reads of a failing step can report in before load(step) returns.
+            with _quiet_abandoned_reads():
+                out = load(step)
         except DataMismatchError:
             raise  # every step of a run shares its data pipeline: older steps would fail alike, and none is damaged
         except Exception as e:  # noqa: BLE001 - any failure to read a step means "try the previous one"
@@ -173,22 +177,67 @@ def _with_fallback(manager: ocp.CheckpointManager, load: Callable[[int], Any], *
     )
 
 
-def _collect_abandoned_reads() -> None:
-    """Collect now, quietly, the array reads a failed restore left pending.
+# Orbax reads a step's arrays in one asyncio.gather on a loop it closes as soon as one read fails. The
+# sibling reads are still in flight in TensorStore's threads; each later reports "Event loop is closed"
+# (sys.unraisablehook, no object) when it completes, and its coroutine then dies as garbage, printing
+# "Exception ignored in <coroutine _read_array_index_and_device_put>".
+_ABANDONED_READ = "_read_array_index_and_device_put"
+_ABANDONED_WAIT_S = 10.0
 
-    When one array of a step fails to read, orbax leaves the other read coroutines unfinished. Collected
-    later, each prints "Exception ignored in <coroutine _read_array_index_and_device_put>" in whatever
-    code is running then. They belong to the step already reported unreadable, so they are dropped here.
-    """
+
+def _is_abandoned_read_noise(u: Any) -> bool:
+    """Whether an unraisable error is one of a failed restore's abandoned array reads reporting in."""
+    if getattr(getattr(u.object, "cr_code", None), "co_name", None) == _ABANDONED_READ:
+        return True
+    return u.object is None and isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
+
+
+def _pending_reads() -> int:
+    """Array-read coroutines of Orbax's that are alive and suspended (in flight or abandoned)."""
+    return sum(
+        1 for o in gc.get_objects()
+        if type(o).__name__ == "coroutine" and o.cr_code.co_name == _ABANDONED_READ and o.cr_frame is not None
+    )
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+    """Drop the abandoned-read reports of a failed step (it is already logged as unreadable); pass on any other."""
     dropped: list[str] = []
     hook = sys.unraisablehook
-    sys.unraisablehook = lambda u: dropped.append(type(u.exc_value).__name__)
+
+    def drop(u: Any) -> None:
+        if _is_abandoned_read_noise(u):
+            dropped.append(type(u.exc_value).__name__)
+        else:
+            hook(u)
+
+    sys.unraisablehook = drop
     try:
-        gc.collect()
+        yield dropped
     finally:
         sys.unraisablehook = hook
     if dropped:
         log.debug("dropped %d errors of abandoned checkpoint reads (%s)", len(dropped), ", ".join(sorted(set(dropped))))
+
+
+def _collect_abandoned_reads(wait_s: float = _ABANDONED_WAIT_S) -> None:
+    """Wait for the reads a failed restore left in flight to finish, and collect them now, quietly.
+
+    A single gc.collect right after the failure is not enough: a read still in TensorStore's thread is
+    referenced from there, and dies (loudly) whenever it completes.
+    """
+    deadline = time.monotonic() + wait_s
+    with _quiet_abandoned_reads():
+        while True:
+            gc.collect()
+            left = _pending_reads()
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                log.debug("%d abandoned checkpoint reads still pending after %.0f s", left, wait_s)
+                return
+            time.sleep(0.01)
 
 
 def _quarantine(manager: ocp.CheckpointManager, steps: list[int]) -> None:
