@@ -6,8 +6,8 @@
 import argparse
 
 from sora_jax.bench.harness import write_report
-from sora_jax.data.physics import PhysicsConfig
 from sora_jax.eval.physics_bench import latent_aligned, vae_roundtrip_predictor
+from sora_jax.eval.physics_metrics import train_gravity_px
 from sora_jax.eval.physics_scenes import SceneSpec
 from sora_jax.eval.world_cue import world_cue_report, world_cue_rows
 
@@ -27,7 +27,7 @@ def main() -> None:
         roundtrip = lambda frames: predict({"video": frames}, len(frames))  # noqa: E731
     spec = SceneSpec(splits=("id",), per_split=a.per_split)
     rows = world_cue_rows(spec, latent_aligned(a.cond_frames), roundtrip)
-    result, table = world_cue_report(rows, PhysicsConfig().gravity * spec.size)
+    result, table = world_cue_report(rows, train_gravity_px(spec.size))
     write_report(result, table, a.out)
 
 

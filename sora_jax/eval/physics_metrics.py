@@ -164,6 +164,11 @@ def gravity_fit(xy: np.ndarray, dt: float, valid: np.ndarray | None = None) -> f
     return float(np.asarray(g)[order][np.searchsorted(cum, 0.5 * cum[-1])])
 
 
+def train_gravity_px(size: int) -> float:
+    """The training clips' gravity (`PhysicsConfig().gravity`, frame sides / s²) in px/s² on a `size`-px frame."""
+    return PhysicsConfig().gravity * size
+
+
 def right_world(g_hat: float, gravity_px: float, train_gravity_px: float) -> float:
     """1.0 if a gravity estimate (px/s²) puts a clip in its scene's world, 0.0 if in the other one, nan without one.
 
@@ -292,7 +297,7 @@ def clip_metrics(
         "g_rel_err": abs(g_hat - g_px) / g_px if g_px > 0 and np.isfinite(g_hat) else float("nan"),
         # A fit spans its run, so a bounce of the prediction's own (where the truth flies free) must go too.
         "world_acc": right_world(gravity_fit(xy, dt, valid & contact_free(xy, area, pred.shape[2])), g_px,
-                                 PhysicsConfig().gravity * pred.shape[2]),
+                                 train_gravity_px(pred.shape[2])),
         "momentum_change": dp,
         "energy_change": de,
         "flicker": flicker(pred[k0:], still),
@@ -348,7 +353,7 @@ def text_metrics(video: np.ndarray, caption: str, *, dt: float, gravity_px: floa
         "g_rel_err": float("nan") if gravity_px <= 0 else abs(g_hat - gravity_px) / gravity_px,
         # No simulator to say where the balls fly freely: leave out frames where they may touch.
         "world_acc": right_world(gravity_fit(got["xy"], dt, contact_free(got["xy"], got["area"], video.shape[2])),
-                                 gravity_px, PhysicsConfig().gravity * video.shape[2]),
+                                 gravity_px, train_gravity_px(video.shape[2])),
         "flicker": flicker(video, ~obj.any(axis=0)),
         "verb": verb,
     }
