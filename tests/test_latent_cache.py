@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -82,6 +86,24 @@ def test_cache_loader_batches_resume_exactly(physics_cache):
     assert first[0]["latents"].shape[0] == 4 and first[0]["text"].shape[0] == 4
     with pytest.raises(lr.CacheError, match="no batch size for cache buckets"):
         lr.make_cache_loader(physics_cache["out"], {}, seed=0)
+
+
+def test_a_loader_alive_at_interpreter_exit_leaves_no_traceback(physics_cache):
+    """A notebook or script that still holds a loader at exit (closed or not) ends without grain's teardown traceback."""
+    script = """
+import sys
+from sora_jax.train import latent_records as lr
+sizes = {b: 2 for b in lr.read_info(sys.argv[1])["buckets"]}
+held = lr.make_cache_loader(sys.argv[1], sizes, seed=0)
+closed = lr.make_cache_loader(sys.argv[1], sizes, seed=0)
+unprefetched = lr.make_cache_loader(sys.argv[1], sizes, seed=0, batches_ahead=0)
+print(next(held)["latents"].shape[0], next(closed)["latents"].shape[0], next(unprefetched)["latents"].shape[0])
+closed.close()
+"""
+    run = subprocess.run([sys.executable, "-c", script, str(physics_cache["out"])], capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert run.returncode == 0 and run.stdout.split() == ["2", "2", "2"], run.stderr[-3000:]
+    assert "Exception ignored" not in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
 
 
 def _clip(t: int, h: int, w: int, seed: int) -> np.ndarray:

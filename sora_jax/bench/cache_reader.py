@@ -48,17 +48,21 @@ def time_reader(cache_dir: Path, opts: ReaderBenchOptions, step_ms: float, **loa
     """ms per step and ms inside next() per step, over `opts.batches` batches after a warm-up."""
     h, w, f = opts.bucket
     it = make_cache_loader(cache_dir, {f"{h}x{w}x{f}": opts.batch}, seed=0, **loader_kw)
-    for _ in range(opts.warmup):
-        next(it)
-    inside = 0.0
-    t0 = time.perf_counter()
-    for _ in range(opts.batches):
-        t = time.perf_counter()
-        next(it)
-        inside += time.perf_counter() - t
-        if step_ms:
-            time.sleep(step_ms / 1e3)
-    total = time.perf_counter() - t0
+    try:
+        for _ in range(opts.warmup):
+            next(it)
+        inside = 0.0
+        t0 = time.perf_counter()
+        for _ in range(opts.batches):
+            t = time.perf_counter()
+            next(it)
+            inside += time.perf_counter() - t
+            if step_ms:
+                time.sleep(step_ms / 1e3)
+        total = time.perf_counter() - t0
+    finally:
+        # A row's read threads would otherwise go on filling its buffers while the next row is timed.
+        it.close()
     return {"ms_per_step": 1e3 * total / opts.batches, "ms_in_next": 1e3 * inside / opts.batches}
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -281,7 +282,38 @@ def make_cache_loader(
     batches = BucketBatchDataset(ds.to_iter_dataset(read), spec)
     if batches_ahead > 0:
         batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=batches_ahead)
-    return iter(batches)
+    return _ExitSafeIterator(iter(batches))
+
+
+class _ExitSafeIterator(grain.DatasetIterator):
+    """The loader as its parent iterator is (batches, state, close), but let go of at interpreter exit.
+
+    grain's thread-prefetch iterator closes itself from `__del__`. For a loader still alive at exit (a
+    notebook's, or one held at module level), that runs after grain's modules are torn down and prints
+    "Exception ignored in DatasetIterator.__del__", even when the loader was closed. So at exit, while
+    grain is whole, the loader is closed and its parents dropped, and nothing is left for teardown.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        weakref.finalize(self, _release_at_exit, weakref.ref(self))
+
+    def __next__(self) -> dict:
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)
+
+
+def _release_at_exit(ref: weakref.ref) -> None:
+    # A finalizer runs on collection too, when the loader is already gone and has nothing to release.
+    it = ref()
+    if it is not None:
+        it.close()
+        it._parents = ()
 
 
 def _bucket(name: str, batch_size: int) -> Bucket:
