@@ -15,12 +15,14 @@ def test_data_bench_measures_every_source_and_the_step(tmp_path):
 
 
 def test_cache_reader_bench_times_both_readers_against_each_step(tmp_path):
-    from sora_jax.bench.cache_reader import READERS, ReaderBenchOptions, format_report
+    from sora_jax.bench.cache_reader import READERS, VAE_READERS, ReaderBenchOptions, format_report
     from sora_jax.bench.cache_reader import run_benchmark as run_reader_bench
 
-    opts = ReaderBenchOptions(clips=8, bucket=(32, 32, 5), batch=2, batches=3, warmup=1, step_ms=(0.0, 5.0))
+    opts = ReaderBenchOptions(clips=8, bucket=(32, 32, 5), batch=2, batches=3, warmup=1, step_ms=(0.0, 5.0),
+                              vae_clips=8, vae_batch=2, vae_crop=16)
     r = run_reader_bench(opts, workdir=str(tmp_path))
-    assert [(row["reader"], row["step_ms"]) for row in r["rows"]] == [(n, ms) for ms in (0.0, 5.0) for n in READERS]
+    assert [(row["reader"], row["step_ms"]) for row in r["rows"]] == (
+        [(n, ms) for ms in (0.0, 5.0) for n in READERS] + [(n, ms) for ms in (0.0, 5.0) for n in VAE_READERS])
     slept = [row for row in r["rows"] if row["step_ms"] == 5.0]
     assert all(row["ms_per_step"] >= 5.0 and 0 < row["ms_in_next"] < row["ms_per_step"] for row in slept)
-    assert "| 5 ms | as shipped |" in format_report(r)
+    assert "| 5 ms | as shipped |" in format_report(r) and "| 5 ms | VAE loader, as shipped |" in format_report(r)

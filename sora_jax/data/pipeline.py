@@ -26,6 +26,7 @@ from sora_jax.data.buckets import Bucket, BucketBatchDataset, BucketSpec
 
 log = logging.getLogger(__name__)
 
+_READ_THREADS = 4
 # State arrays carried through from the physics dataset when present.
 _PASSTHROUGH = ("num_balls", "positions", "velocities", "radii", "colors", "seed")
 
@@ -211,8 +212,12 @@ def make_loader(
     frames: int | None = None,
     crop: int | None = None,
     drop_remainder: bool = True,
+    read_options: grain.ReadOptions | None = None,
 ) -> VideoLoader:
-    """A grain DataLoader of per-process batches (batch_size is per process), sharded by process."""
+    """A grain DataLoader of per-process batches (batch_size is per process), sharded by process.
+
+    `read_options` overrides the record prefetching, for benchmarks.
+    """
     _check_frames(frames, crop)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -255,6 +260,11 @@ def make_loader(
         operations=operations,
         worker_count=worker_count,
         shard_options=shard_options,
+        # As for the latent cache: grain's default (16 threads, 500 records) walks its whole ready buffer
+        # on every record handed out, in the train loop's thread. Two batches of 4 threads keep ahead
+        # of the step without that (docs/benchmarks.md, "Latent cache reader").
+        read_options=read_options or grain.ReadOptions(num_threads=_READ_THREADS,
+                                                       prefetch_buffer_size=max(16, 2 * batch_size)),
     )
 
 
