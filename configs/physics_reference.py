@@ -91,6 +91,10 @@ def reference_configs(
         raise ValueError(f"vae_seeds must be >= 1, got {vae_seeds}; e.g. --vae-seeds 3")
     if dit_lr is not None and not dit_lr > 0:
         raise ValueError(f"dit_lr must be > 0, got {dit_lr}; e.g. --dit-lr 2e-4")
+    if dit_lr is not None and any(o.removeprefix("--config.").split("=")[0] == "optim.lr" for o in dit_overrides):
+        # The override would win silently; two values for one setting is more likely a mistake.
+        raise ValueError("the DiT learning rate is set twice, by dit_lr and by a DiT override optim.lr; "
+                         "pass one (--dit-lr or --dit-override optim.lr=...)")
     dit_variant = dit_variant or variant
     shape = parse_dit_shape(dit_shape)
     dit_config(dit_variant, **shape)  # fail here, before any training, on a variant/shape the DiT rejects

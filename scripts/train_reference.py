@@ -34,7 +34,7 @@ def main() -> None:
                    "(--minutes sizes steps at the tiny DiT's rate: pass --dit-steps with it)")
     p.add_argument("--dit-variant", default=None,
                    help="DiT variant if not --variant's, e.g. S on a GPU over a tiny run's VAE (pass --dit-steps)")
-    p.add_argument("--dit-lr", type=float, default=None, help="DiT peak learning rate (default: the variant's)")
+    p.add_argument("--dit-lr", type=float, default=None, help="DiT peak learning rate (default: the variant's; or --dit-override optim.lr=..., not both)")
     p.add_argument("--dit-override", action="append", default=[], metavar="KEY=VALUE",
                    help="DiT config override, repeatable, e.g. model.attention=cudnn")
     p.add_argument("--vae-override", action="append", default=[], metavar="KEY=VALUE",

@@ -91,6 +91,10 @@ def test_reference_dit_variant_and_lr_size_the_dit_alone(tmp_path):
         reference_configs(tmp_path, 10, dit_variant="XL")
     with pytest.raises(ValueError, match="dit_lr must be > 0"):
         reference_configs(tmp_path, 10, dit_lr=0.0)
+    for override in ("optim.lr=1e-3", "--config.optim.lr=1e-3"):
+        with pytest.raises(ValueError, match="learning rate is set twice"):
+            reference_configs(tmp_path, 10, dit_lr=2e-4, dit_overrides=[override])
+    assert reference_configs(tmp_path, 10, dit_overrides=["optim.lr=1e-3"])[1].optim.lr == 1e-3
 
 
 def test_reference_dit_overrides_reach_the_dit_config_alone(tmp_path):
