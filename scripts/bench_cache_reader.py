@@ -9,6 +9,7 @@ import dataclasses
 
 from sora_jax.bench.cache_reader import ReaderBenchOptions, format_report, run_benchmark
 from sora_jax.bench.harness import write_report
+from sora_jax.parallel.backends import skip_absent_tpu
 
 
 def main() -> None:
@@ -20,6 +21,7 @@ def main() -> None:
     p.add_argument("--step-ms", type=float, nargs="+", default=list(d.step_ms), help="simulated step times")
     p.add_argument("--out", default="bench_cache_reader.json")
     a = p.parse_args()
+    skip_absent_tpu()
     opts = dataclasses.replace(d, clips=a.clips, batch=a.batch, batches=a.batches, step_ms=tuple(a.step_ms))
     result = run_benchmark(opts)
     write_report(result, format_report(result), a.out)

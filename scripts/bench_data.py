@@ -10,6 +10,7 @@ import dataclasses
 
 from sora_jax.bench.data_speed import DataBenchOptions, format_report, run_benchmark
 from sora_jax.bench.harness import write_report
+from sora_jax.parallel.backends import skip_absent_tpu
 
 
 def main() -> None:
@@ -23,6 +24,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(d.variants), help="DiT configs for the step rate")
     p.add_argument("--out", default="bench_data.json")
     a = p.parse_args()
+    skip_absent_tpu()
     opts = dataclasses.replace(d, clips=a.clips, batch=a.batch, batches=a.batches, workers=tuple(a.workers),
                                bucket=tuple(a.bucket), variants=tuple(a.variants))
     result = run_benchmark(opts)

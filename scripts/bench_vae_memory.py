@@ -9,6 +9,7 @@ import argparse
 import json
 
 from sora_jax.bench.vae_memory import CONFIGS, MemoryPoint, sweep
+from sora_jax.parallel.backends import skip_absent_tpu
 
 
 def main() -> None:
@@ -23,6 +24,7 @@ def main() -> None:
     p.add_argument("--compile-only", action="store_true", help="compiled buffer plan only, no real call")
     p.add_argument("--out", default="bench_vae_memory.json")
     a = p.parse_args()
+    skip_absent_tpu()
     points = [
         MemoryPoint(a.config, a.op, mode == "chunked", int(f), a.size, a.width, a.batch, not a.compile_only)
         for mode in a.modes.split(",") for f in a.frames.split(",")

@@ -20,6 +20,7 @@ from pathlib import Path
 from configs.physics_reference import ZERO_GRAVITY, reference_configs, vae_candidates
 from sora_jax.train.dit_trainer import train_dit
 from sora_jax.train.vae_select import SELECTION_FILE, select_vae
+from sora_jax.parallel.backends import skip_absent_tpu
 
 
 def main() -> None:
@@ -44,6 +45,7 @@ def main() -> None:
     p.add_argument("--zero-gravity", type=float, default=ZERO_GRAVITY,
                    help=f"share of clips simulated without gravity (default {ZERO_GRAVITY}; runs before session 26: 0)")
     a = p.parse_args()
+    skip_absent_tpu()
     try:
         vae_cfg, dit_cfg = reference_configs(a.outdir, a.minutes, num_train=a.num_train, variant=a.variant,
                                              vae_steps=a.vae_steps, dit_steps=a.dit_steps,

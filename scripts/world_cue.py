@@ -10,6 +10,7 @@ from sora_jax.eval.physics_bench import latent_aligned, vae_roundtrip_predictor
 from sora_jax.eval.physics_metrics import train_gravity_px
 from sora_jax.eval.physics_scenes import SceneSpec
 from sora_jax.eval.world_cue import world_cue_report, world_cue_rows
+from sora_jax.parallel.backends import skip_absent_tpu
 
 
 def main() -> None:
@@ -19,6 +20,7 @@ def main() -> None:
     p.add_argument("--cond-frames", type=int, default=4, help="K, rounded up to whole latent frames as eval-physics does")
     p.add_argument("--out", default="world_cue.json")
     a = p.parse_args()
+    skip_absent_tpu()
     roundtrip = None
     if a.vae:
         from sora_jax.train.vae_trainer import load_vae

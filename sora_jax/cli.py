@@ -413,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command not in ("train", "train-vae", "cache-latents", "bench-sharding"):
         print(f"sora-jax {args.command}: error: unrecognised arguments: {' '.join(extra)}", file=sys.stderr)
         return 2
+    from sora_jax.parallel.backends import skip_absent_tpu
+
+    skip_absent_tpu()  # no libtpu error block on machines without an accelerator
     try:
         if args.command == "demo":
             _demo(args)
