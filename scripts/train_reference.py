@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from configs.physics_reference import ZERO_GRAVITY, reference_configs, vae_candidates
+from sora_jax.parallel.backends import skip_absent_tpu
 from sora_jax.train.dit_trainer import train_dit
 from sora_jax.train.vae_select import SELECTION_FILE, select_vae
-from sora_jax.parallel.backends import skip_absent_tpu
 
 
 def main() -> None:
