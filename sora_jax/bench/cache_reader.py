@@ -49,8 +49,11 @@ READERS: dict[str, dict[str, Any]] = {
     "grain defaults, no batch prefetch": {"read_options": grain.ReadOptions(), "batches_ahead": 0},
     "as shipped": {},
 }
+# The VAE loader before session 29 (grain's default ReadOptions), after it (4 read threads), and as
+# shipped (also batches assembled two ahead in a thread).
 VAE_READERS: dict[str, dict[str, Any]] = {
-    "VAE loader, grain defaults": {"read_options": grain.ReadOptions()},
+    "VAE loader, grain defaults, no batch prefetch": {"read_options": grain.ReadOptions(), "batches_ahead": 0},
+    "VAE loader, 4 read threads, no batch prefetch": {"batches_ahead": 0},
     "VAE loader, as shipped": {},
 }
 

@@ -8,14 +8,19 @@
   source, stacked (positions/velocities follow the temporal and spatial crop).
 
 Corrupt records (undecodable, wrong shape/dtype, bad caption) are dropped and counted in
-`loader.stats` (a `LoaderStats`); see its docstring for the multi-worker caveat.
+`loader.stats` (a `LoaderStats`); see its docstring for the multi-worker caveat. Iterating the loader
+assembles batches `batches_ahead` ahead in a thread; its iterator's state is that of the last batch
+handed out, in the DataLoader's own format.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -168,11 +173,106 @@ class _RandomCrop(grain.transforms.RandomMap):
 
 
 class VideoLoader(grain.DataLoader):
-    """A `grain.DataLoader` that also exposes its corrupt-record counter as `.stats`."""
+    """A `grain.DataLoader` that also exposes its corrupt-record counter as `.stats`, and prefetches batches."""
 
-    def __init__(self, *, stats: LoaderStats, **kwargs: Any):
+    def __init__(self, *, stats: LoaderStats, batches_ahead: int = 2, **kwargs: Any):
         super().__init__(**kwargs)
         self.stats = stats
+        self.batches_ahead = batches_ahead
+
+    def __iter__(self):
+        if self.batches_ahead < 1:
+            return super().__iter__()
+        return BatchPrefetch(super().__iter__, self.batches_ahead)
+
+
+class BatchPrefetch:
+    """A DataLoader iterator run `ahead` batches ahead in a thread; state is that of the last batch taken.
+
+    Without workers a grain DataLoader decodes, crops and batches inside `next()`, in the thread that
+    dispatches the train step: about 2 ms per batch of 4 beside a 20 ms step, 0.1 ms this way
+    (docs/benchmarks.md, "Input readers"). Here a thread does it, and keeps the loader state after each batch with the batch, so
+    `get_state` gives the DataLoader's own bytes for the position of the last batch handed out and a
+    checkpoint resumes to the same batches as without prefetching.
+    """
+
+    def __init__(self, make_iterator: Callable[[], Any], ahead: int):
+        self._inner = make_iterator()
+        self._ahead = ahead
+        self._state = self._inner.get_state()
+        # Set when this object is collected or at exit: the thread holds no reference to it.
+        self._closed = threading.Event()
+        weakref.finalize(self, self._closed.set)
+        self._start()
+
+    def _start(self) -> None:
+        self._queue: queue.Queue = queue.Queue(self._ahead)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=_fill_batches, args=(self._inner, self._queue, self._stop, self._closed),
+                                        name="batch-prefetch", daemon=True)
+        self._thread.start()
+
+    def _halt(self) -> None:
+        """Stop the thread and drop what it prefetched, including a batch it put while being stopped."""
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                self._thread.join(0.01)
+        while not self._queue.empty():
+            self._queue.get_nowait()
+
+    def __iter__(self) -> BatchPrefetch:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch, state, error = self._queue.get()
+        if error is not None:
+            self._queue.put((None, None, error))  # the thread has stopped: later calls end the same way
+            raise error
+        self._state = state
+        return batch
+
+    def get_state(self) -> bytes:
+        """The DataLoader's state after the last batch handed out (not the prefetched ones)."""
+        return self._state
+
+    def set_state(self, state: bytes) -> None:
+        """Continue from a state of `get_state`'s, dropping whatever was prefetched."""
+        self._halt()
+        self._inner.set_state(state)
+        self._state = self._inner.get_state()
+        self._start()
+
+    def start_prefetch(self) -> None:
+        """Nothing to start: the thread runs from creation (grain's checkpoint restore calls this)."""
+
+    def close(self) -> None:
+        """Stop the prefetch thread and the DataLoader's read threads."""
+        self._halt()
+        self._closed.set()
+        self._queue.put((None, None, StopIteration()))
+        inner = getattr(self._inner, "_iterator", None)  # grain's DataLoaderIterator has no close(); its dataset iterator has
+        if inner is not None and hasattr(inner, "close"):
+            inner.close()
+
+
+def _fill_batches(it: Any, out: queue.Queue, stop: threading.Event, closed: threading.Event) -> None:
+    """Put (batch, state after it, None) into `out` until told to stop; the error that ends the data last."""
+    while not (stop.is_set() or closed.is_set()):
+        try:
+            item = (next(it), it.get_state(), None)
+        except BaseException as e:  # noqa: BLE001 - StopIteration ends an epoch; anything else is raised by next()
+            item = (None, None, e)
+        while not (stop.is_set() or closed.is_set()):
+            try:
+                out.put(item, timeout=0.05)
+                break
+            except queue.Full:
+                continue
+        if item[2] is not None:
+            return
 
 
 def _expected_video_shape(source: Any) -> tuple[int, ...] | None:
@@ -213,10 +313,12 @@ def make_loader(
     crop: int | None = None,
     drop_remainder: bool = True,
     read_options: grain.ReadOptions | None = None,
+    batches_ahead: int = 2,
 ) -> VideoLoader:
     """A grain DataLoader of per-process batches (batch_size is per process), sharded by process.
 
-    `read_options` overrides the record prefetching, for benchmarks.
+    `read_options` overrides the record prefetching and `batches_ahead` the batches its iterators
+    assemble ahead in a thread (0: none, in `next()` as grain does), for benchmarks.
     """
     _check_frames(frames, crop)
     if batch_size < 1:
@@ -255,6 +357,7 @@ def make_loader(
     operations.append(grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder))
     return VideoLoader(
         stats=stats,
+        batches_ahead=batches_ahead,
         data_source=_TolerantSource(source),
         sampler=sampler,
         operations=operations,
@@ -262,7 +365,7 @@ def make_loader(
         shard_options=shard_options,
         # As for the latent cache: grain's default (16 threads, 500 records) walks its whole ready buffer
         # on every record handed out, in the train loop's thread. Two batches of 4 threads keep ahead
-        # of the step without that (docs/benchmarks.md, "Latent cache reader").
+        # of the step without that (docs/benchmarks.md, "Input readers").
         read_options=read_options or grain.ReadOptions(num_threads=_READ_THREADS,
                                                        prefetch_buffer_size=max(16, 2 * batch_size)),
     )

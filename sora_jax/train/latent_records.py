@@ -276,7 +276,7 @@ def make_cache_loader(
     # every element handed out: ~11 ms per batch of 16 records, in the train loop's thread. A buffer of
     # two batches keeps the reads ahead without that. Batches are then assembled ahead in a thread, so
     # the train loop's thread only dispatches; grain keeps each prefetched batch's state, so a checkpoint
-    # still holds the position of the last batch taken (docs/benchmarks.md, "Latent cache reader").
+    # still holds the position of the last batch taken (docs/benchmarks.md, "Input readers").
     read = read_options or grain.ReadOptions(num_threads=_READ_THREADS,
                                              prefetch_buffer_size=max(32, 2 * sum(batch_sizes.values())))
     batches = BucketBatchDataset(ds.to_iter_dataset(read), spec)
