@@ -4,8 +4,8 @@ The DiT trains from an ArrayRecord latent cache, and its loop fetches each batch
 dispatches the step. When the step is short (DiT S on a GPU: about 20-30 ms), whatever `next()`
 costs that thread is a direct loss. This compares the reader as shipped with grain's default read
 options and no batch prefetch (the reader before), in one run. The VAE trains from the physics
-dataset's records through `pipeline.make_loader` (a grain DataLoader); it is timed as shipped and with
-grain's default read options. Each is timed against a consumer that either does nothing or sleeps for
+dataset's records through `pipeline.make_loader` (a grain DataLoader); it is timed as shipped, with
+4 read threads but batches built in `next()`, and with grain's default read options too. Each is timed against a consumer that either does nothing or sleeps for
 `step_ms`. Sleeping releases the GIL, as waiting on an accelerator does.
 """
 
