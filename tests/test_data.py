@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -434,6 +435,17 @@ def test_prefetched_batches_end_the_epoch_raise_errors_and_close(datasets):
         assert not thread.is_alive()
         with pytest.raises(StopIteration):
             next(it)
+
+    # grain's own iterator (batches_ahead=0) has no close(); close_read_threads stops its read threads.
+    before = set(threading.enumerate())  # Thread objects, not idents: a finished thread's ident is reused
+    bare = iter(pipeline.make_loader(src, batch_size=2, seed=3, batches_ahead=0))
+    next(bare)
+    readers = [t for t in threading.enumerate() if t not in before]
+    assert readers
+    pipeline.close_read_threads(bare)
+    for t in readers:
+        t.join(5)
+    assert not [t.name for t in readers if t.is_alive()]
 
 
 class _CorruptingSource:

@@ -22,7 +22,7 @@ import grain
 from sora_jax.bench.data_speed import DataBenchOptions, write_synthetic_cache
 from sora_jax.bench.harness import machine_info
 from sora_jax.data.physics_tfds import build_physics_dataset
-from sora_jax.data.pipeline import make_loader
+from sora_jax.data.pipeline import close_read_threads, make_loader
 from sora_jax.train.latent_records import make_cache_loader
 
 
@@ -86,8 +86,7 @@ def _time_next(it: Any, opts: ReaderBenchOptions, step_ms: float) -> dict[str, f
         total = time.perf_counter() - t0
     finally:
         # A row's read threads would otherwise go on filling its buffers while the next row is timed.
-        # grain's DataLoaderIterator has no close(); the dataset iterator it wraps (`_iterator`) has.
-        (it if hasattr(it, "close") else it._iterator).close()
+        close_read_threads(it)
     return {"ms_per_step": 1e3 * total / opts.batches, "ms_in_next": 1e3 * inside / opts.batches}
 
 

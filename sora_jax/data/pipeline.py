@@ -253,9 +253,15 @@ class BatchPrefetch:
         self._halt()
         self._closed.set()
         self._queue.put((None, None, StopIteration()))
-        inner = getattr(self._inner, "_iterator", None)  # grain's DataLoaderIterator has no close(); its dataset iterator has
-        if inner is not None and hasattr(inner, "close"):
-            inner.close()
+        close_read_threads(self._inner)
+
+
+def close_read_threads(it: Any) -> None:
+    """Stop a grain iterator's read threads: a dataset iterator's own close(), or that of the one a DataLoader's wraps."""
+    # grain's DataLoaderIterator has no close() (grain 0.2.x); the dataset iterator it keeps as `_iterator` has.
+    target = it if hasattr(it, "close") else getattr(it, "_iterator", None)
+    if target is not None and hasattr(target, "close"):
+        target.close()
 
 
 def _fill_batches(it: Any, out: queue.Queue, stop: threading.Event, closed: threading.Event) -> None:
