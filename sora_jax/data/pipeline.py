@@ -257,7 +257,7 @@ class BatchPrefetch:
 
 
 def close_read_threads(it: Any) -> None:
-    """Stop a grain iterator's read threads: a dataset iterator's own close(), or that of the one a DataLoader's wraps."""
+    """Stop a grain iterator's read threads: its own close(), or for a DataLoader's iterator that of the one it wraps."""
     # grain's DataLoaderIterator has no close() (grain 0.2.x); the dataset iterator it keeps as `_iterator` has.
     target = it if hasattr(it, "close") else getattr(it, "_iterator", None)
     if target is not None and hasattr(target, "close"):
