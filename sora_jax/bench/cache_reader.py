@@ -5,8 +5,9 @@ dispatches the step. When the step is short (DiT S on a GPU: about 20-30 ms), wh
 costs that thread is a direct loss. This compares the reader as shipped with grain's default read
 options and no batch prefetch (the reader before), in one run. The VAE trains from the physics
 dataset's records through `pipeline.make_loader` (a grain DataLoader); it is timed as shipped, with
-4 read threads but batches built in `next()`, and with grain's default read options too. Each is timed against a consumer that either does nothing or sleeps for
-`step_ms`. Sleeping releases the GIL, as waiting on an accelerator does.
+4 read threads but batches built in `next()`, and with grain's default read options too. Each is
+timed against a consumer that either does nothing or sleeps for `step_ms`. Sleeping releases the
+GIL, as waiting on an accelerator does.
 """
 
 from __future__ import annotations

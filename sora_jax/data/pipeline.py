@@ -191,9 +191,9 @@ class BatchPrefetch:
 
     Without workers a grain DataLoader decodes, crops and batches inside `next()`, in the thread that
     dispatches the train step: about 2 ms per batch of 4 beside a 20 ms step, 0.1 ms this way
-    (docs/benchmarks.md, "Input readers"). Here a thread does it, and keeps the loader state after each batch with the batch, so
-    `get_state` gives the DataLoader's own bytes for the position of the last batch handed out and a
-    checkpoint resumes to the same batches as without prefetching.
+    (docs/benchmarks.md, "Input readers"). Here a thread does it, and keeps the loader state after
+    each batch with the batch, so `get_state` gives the DataLoader's own bytes for the position of the
+    last batch handed out and a checkpoint resumes to the same batches as without prefetching.
     """
 
     def __init__(self, make_iterator: Callable[[], Any], ahead: int):
@@ -257,8 +257,9 @@ class BatchPrefetch:
 
 
 def close_read_threads(it: Any) -> None:
-    """Stop a grain iterator's read threads: its own close(), or for a DataLoader's iterator that of the one it wraps."""
-    # grain's DataLoaderIterator has no close() (grain 0.2.x); the dataset iterator it keeps as `_iterator` has.
+    """Stop a grain iterator's read threads: its own close(), or that of the iterator a DataLoader's wraps."""
+    # grain's DataLoaderIterator has no close() (grain 0.2.x); the dataset iterator it keeps as
+    # `_iterator` has.
     target = it if hasattr(it, "close") else getattr(it, "_iterator", None)
     if target is not None and hasattr(target, "close"):
         target.close()
